@@ -1,0 +1,56 @@
+"""The bus broker: the one stable point. XSUB (publishers connect) <-> XPUB (subscribers connect)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import zmq
+
+from shared.config import Config
+from shared.service import Runtime
+
+log = logging.getLogger("broker")
+
+
+def run(cfg: Config) -> int:
+    rt = Runtime("broker", cfg)
+    rt.install_signals()
+    xsub = rt.ctx.socket(zmq.XSUB)
+    xpub = rt.ctx.socket(zmq.XPUB)
+    # Nothing is dropped here: a full subscriber queue makes the proxy wait, which fills the
+    # publishers' queues, which makes ingest stop reading its TCP sockets (backpressure).
+    xpub.setsockopt(zmq.XPUB_NODROP, 1)
+    for sock in (xsub, xpub):
+        sock.setsockopt(zmq.SNDHWM, cfg.bus["hwm"])
+        sock.setsockopt(zmq.RCVHWM, cfg.bus["hwm"])
+        sock.setsockopt(zmq.LINGER, 0)
+    xsub.bind(cfg.broker["xsub_bind"])
+    xpub.bind(cfg.broker["xpub_bind"])
+    control_addr = f"inproc://broker-control-{id(rt)}"
+    control = rt.ctx.socket(zmq.PAIR)
+    control.bind(control_addr)
+
+    def proxy() -> None:
+        peer = rt.ctx.socket(zmq.PAIR)
+        peer.connect(control_addr)
+        try:
+            zmq.proxy_steerable(xsub, xpub, None, peer)
+        except zmq.ContextTerminated:
+            pass
+        finally:
+            peer.close(linger=0)
+
+    thread = threading.Thread(target=proxy, name="proxy", daemon=True)
+    thread.start()
+    log.info("broker up: publishers -> %s, subscribers -> %s", cfg.broker["xsub_bind"],
+             cfg.broker["xpub_bind"])
+    while not rt.stopping.wait(0.2):
+        rt.heartbeat_file.touch()
+    control.send(b"TERMINATE")
+    thread.join(timeout=5)
+    for sock in (control, xsub, xpub):
+        sock.close(linger=0)
+    rt.close()
+    log.info("broker stopped")
+    return 0

@@ -1,0 +1,180 @@
+"""The ``wattflow`` command: one subcommand per service, plus up, simulate, tap, status, health."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from shared import config as config_mod
+from shared import topics
+from shared.service import setup_logging
+
+SERVICES = ("broker", "ingest", "storage", "power", "plotter")
+log = logging.getLogger("wattflow")
+
+
+def _service(name: str):
+    from services import broker
+    from services.ingest import main as ingest
+    from services.plotter import main as plotter
+    from services.power import main as power
+    from services.storage import main as storage
+
+    return {"broker": broker, "ingest": ingest, "storage": storage, "power": power,
+            "plotter": plotter}[name].run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH",
+                        help="YAML config (default: $WATTFLOW_CONFIG, else ./config.yaml, "
+                             "else built-in defaults)")
+    common.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="overrides runtime.log_level")
+    parser = argparse.ArgumentParser(
+        prog="wattflow",
+        description="Meter readings over TCP -> validated storage, power and live charts.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in SERVICES:
+        sub.add_parser(name, parents=[common], help=f"run the {name} service",
+                       description=f"Run the {name} service in the foreground (SIGTERM stops it "
+                                   "after flushing what is in flight).")
+    up = sub.add_parser("up", parents=[common], help="run the whole stack as local processes",
+                        description="Start broker, ingest, storage, power and plotter as local "
+                                    "processes with merged, prefixed logs; Ctrl-C stops them all.")
+    up.add_argument("--simulate", action="store_true", help="also start simulated meters")
+    up.add_argument("--rate", type=float, default=10.0,
+                    help="with --simulate: lines per second per meter (default 10)")
+    sim = sub.add_parser("simulate", parents=[common], help="send simulated meter lines over TCP",
+                         description="Simulated meters (the configured ones), one TCP "
+                                     "connection each, sending lines stamped with the current time.")
+    sim.add_argument("--host", default="127.0.0.1", help="ingest host (default 127.0.0.1)")
+    sim.add_argument("--port", type=int, help="ingest port (default: ingest.port from config)")
+    sim.add_argument("--rate", type=float, default=10.0, help="lines per second per meter")
+    sim.add_argument("--duration", type=float, help="seconds to run (default: until Ctrl-C)")
+    sim.add_argument("--invalid", type=float, default=0.0, metavar="FRACTION",
+                     help="fraction of lines made invalid on purpose (default 0)")
+    sim.add_argument("--meters", type=int, metavar="N",
+                     help="simulate only the first N configured meters")
+    tap = sub.add_parser("tap", parents=[common], help="print bus messages as JSON lines",
+                         description="Print every message on the given topics as one JSON "
+                                     f"object per line. Topics: {', '.join(topics.BY_NAME)}.")
+    tap.add_argument("topics", nargs="+", metavar="TOPIC", choices=list(topics.BY_NAME))
+    tap.add_argument("--count", type=int, help="exit 0 after this many messages (1 on timeout)")
+    tap.add_argument("--timeout", type=float, help="stop after this many seconds")
+    tap.add_argument("--records", action="store_true",
+                     help="one JSON object per record instead of per message (batch)")
+    status = sub.add_parser("status", parents=[common], help="live counters of all services",
+                            description="Listen to the stats topic and show one row per "
+                                        "service instance. Exits 1 when a service is silent.")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--wait", type=float, help="seconds to listen (default 2.5 intervals)")
+    status.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    health = sub.add_parser("health", parents=[common], help="exit 0 if a local service is alive",
+                            description="Check a service's heartbeat file in runtime.run_dir "
+                                        "(for container health checks).")
+    health.add_argument("service", choices=SERVICES)
+    health.add_argument("--max-age", type=float, default=5.0, help="seconds (default 5)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_mod.load(args.config)
+    except config_mod.ConfigError as exc:
+        print(f"wattflow: bad config: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(args.log_level or cfg.runtime["log_level"])
+    if args.command in SERVICES:
+        log.info("config: %s", cfg.source)
+        try:
+            return _service(args.command)(cfg)
+        except OSError as exc:
+            log.error("%s cannot start: %s", args.command, exc)
+            return 1
+    return {"up": cmd_up, "simulate": cmd_simulate, "tap": cmd_tap, "status": cmd_status,
+            "health": cmd_health}[args.command](cfg, args)
+
+
+def cmd_up(cfg, args) -> int:
+    from services.supervisor import Supervisor
+
+    return Supervisor(cfg, args.config, simulate_rate=args.rate if args.simulate else None).run()
+
+
+def cmd_simulate(cfg, args) -> int:
+    from services.simulator import simulate
+
+    meters = list(cfg.meters[: args.meters] if args.meters else cfg.meters)
+    try:
+        simulate(meters, args.host, args.port or cfg.ingest["port"], args.rate, args.duration,
+                 args.invalid)
+    except ConnectionError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+def cmd_tap(cfg, args) -> int:
+    import zmq
+
+    from shared.bus import Subscriber
+    from shared.messages import to_jsonable
+
+    ctx = zmq.Context()
+    sub = Subscriber(ctx, cfg.bus["subscribe"], [topics.BY_NAME[t] for t in args.topics])
+    deadline = time.monotonic() + args.timeout if args.timeout else None
+    seen = 0
+    out = sys.stdout
+    try:
+        while args.count is None or seen < args.count:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            msg = sub.recv(200 if left is None else int(min(left, 0.2) * 1000) + 1)
+            if msg is None:
+                continue
+            seen += 1
+            head = {"topic": msg.topic.decode(), "src": msg.src, "seq": msg.seq, "t": msg.t}
+            data = to_jsonable(msg.data)
+            if args.records and isinstance(data, dict) and data and all(
+                    isinstance(v, list) for v in data.values()):
+                for i in range(len(next(iter(data.values())))):
+                    out.write(json.dumps({**head, **{k: v[i] for k, v in data.items()}}) + "\n")
+            else:
+                out.write(json.dumps({**head, "data": data}) + "\n")
+            out.flush()
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:
+        return 0
+    finally:
+        sub.close()
+        ctx.term()
+    return 1 if args.count is not None and seen < args.count else 0
+
+
+def cmd_status(cfg, args) -> int:
+    from services.status import status
+
+    return status(cfg, args.json, args.wait, args.watch)
+
+
+def cmd_health(cfg, args) -> int:
+    path = Path(cfg.runtime["run_dir"]) / f"{args.service}.heartbeat"
+    try:
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        print(f"{args.service}: no heartbeat file {path}", file=sys.stderr)
+        return 1
+    if age > args.max_age:
+        print(f"{args.service}: heartbeat {age:.1f}s old (max {args.max_age}s)", file=sys.stderr)
+        return 1
+    print(f"{args.service}: alive (heartbeat {age:.1f}s ago)")
+    return 0
+

@@ -1,0 +1,211 @@
+"""ingest: accept meters' TCP connections, frame lines, publish them in batches on ``raw``.
+
+Per chunk received (not per line): split off the unfinished last line, drop over-long lines
+with a reason, append the rest to the pending batch. A batch goes out when it holds
+``batch_lines`` lines or ``flush_ms`` after its first chunk. While nobody is subscribed to
+``raw`` yet, or the bus refuses more (its high-water mark), the batch waits; once what waits
+passes a cap, connections stop being read, so meters feel TCP backpressure instead of losing
+lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+
+import numpy as np
+
+from shared import parsing, topics
+from shared.config import Config
+from shared.service import Runtime
+
+log = logging.getLogger("ingest")
+READ_SIZE = 1 << 16
+REJECT_KEEP = 200  # bytes of an over-long line kept in its rejection
+
+
+class Ingest:
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+        self.cfg = rt.cfg.ingest
+        self.max_line = self.cfg["max_line"]
+        self.pub = rt.publisher()
+        self.chunks: list[tuple[str, float, bytes]] = []
+        self.pending_lines = 0
+        self.pending_bytes = 0
+        self.batch_started = 0.0
+        self.cap_bytes = max(64 << 20, self.cfg["batch_lines"] * self.max_line * 4)
+        self.room = asyncio.Event()
+        self.room.set()
+        self.connections = 0
+        self.rejects: list[tuple[bytes, str, str, str, float]] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = "{}:{}".format(*writer.get_extra_info("peername")[:2])
+        sock = writer.get_extra_info("socket")
+        if self.connections >= self.cfg["max_connections"]:
+            log.warning("refusing %s: already %d connections", peer, self.connections)
+            self.rt.counters["connections_refused"] += 1
+            writer.close()
+            return
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        self.connections += 1
+        self.rt.counters["connections"] += 1
+        log.debug("meter connected from %s", peer)
+        try:
+            await self._read_loop(reader, peer)
+        except (ConnectionError, OSError) as exc:
+            log.info("connection from %s ended: %s", peer, exc)
+        finally:
+            self.connections -= 1
+            writer.close()
+
+    async def _read_loop(self, reader: asyncio.StreamReader, peer: str) -> None:
+        tail = b""
+        skipping = False  # inside an over-long line, dropping bytes until its newline
+        idle = self.cfg["idle_timeout_s"]
+        while True:
+            await self.room.wait()
+            try:
+                data = await asyncio.wait_for(reader.read(READ_SIZE), idle)
+            except TimeoutError:
+                log.info("closing %s: silent for %ss (half-open?)", peer, idle)
+                self.rt.counters["idle_closed"] += 1
+                data = b""
+            now = time.time()
+            if not data:  # EOF: a last line without newline still counts
+                if tail and not skipping:
+                    self._accept(peer, now, tail + b"\n")
+                return
+            self.rt.counters["bytes_in"] += len(data)
+            if skipping:
+                cut = data.find(b"\n")
+                if cut < 0:
+                    continue
+                data, skipping = data[cut + 1 :], False
+            buf = tail + data if tail else data
+            cut = buf.rfind(b"\n")
+            complete, tail = (buf[: cut + 1], buf[cut + 1 :]) if cut >= 0 else (b"", buf)
+            if len(tail) > self.max_line:
+                self._reject_long(peer, now, tail, partial=True)
+                tail, skipping = b"", True
+            if complete:
+                self._accept(peer, now, complete)
+
+    def _accept(self, peer: str, now: float, block: bytes) -> None:
+        if len(block) > self.max_line:
+            block = self._drop_long_lines(peer, now, block)
+        lines = block.count(b"\n")
+        if not lines:
+            return
+        if not self.chunks:
+            self.batch_started = now
+        self.chunks.append((peer, now, block))
+        self.pending_lines += lines
+        self.pending_bytes += len(block)
+        self.rt.counters["lines_in"] += lines
+        if self.pending_lines >= self.cfg["batch_lines"]:
+            self.flush()
+        if self.pending_bytes >= self.cap_bytes:
+            self.room.clear()
+
+    def _drop_long_lines(self, peer: str, now: float, block: bytes) -> bytes:
+        ends = np.flatnonzero(np.frombuffer(block, np.uint8) == 10)
+        starts = np.concatenate(([0], ends[:-1] + 1))
+        lengths = ends - starts - (np.frombuffer(block, np.uint8)[np.maximum(ends - 1, 0)] == 13)
+        too_long = np.flatnonzero(lengths > self.max_line)
+        if not len(too_long):
+            return block
+        keep, pos = [], 0
+        for i in too_long.tolist():
+            keep.append(block[pos : starts[i]])
+            self._reject_long(peer, now, block[starts[i] : ends[i]], partial=False)
+            pos = ends[i] + 1
+        keep.append(block[pos:])
+        return b"".join(keep)
+
+    def _reject_long(self, peer: str, now: float, line: bytes, partial: bool) -> None:
+        size = f"over {len(line)}" if partial else f"{len(line)}"
+        message = f"line of {size} bytes is longer than ingest.max_line ({self.max_line})"
+        self.rejects.append((line[:REJECT_KEEP], parsing.TOO_LONG, message, peer, now))
+        self.rt.counters["lines_in"] += 1
+        self.rt.counters[f"rejected.{parsing.TOO_LONG}"] += 1
+
+    def flush(self) -> None:
+        """Publish the pending batch if someone listens and the bus takes it."""
+        if self.rejects:
+            lines, reasons, texts, peers, times = zip(*self.rejects, strict=True)
+            data = {"line": list(lines), "reason": list(reasons), "message": list(texts),
+                    "peer": list(peers), "t_recv": np.array(times)}
+            if self.pub.send(topics.REJECTED, data, block=False):
+                self.rejects.clear()
+        if not self.chunks:
+            return
+        if not self.pub.has_subscriber(topics.RAW):
+            self.rt.gauges["waiting_for_subscriber"] = True
+            return
+        peers, times, blocks = zip(*self.chunks, strict=True)
+        data = {"peer": list(peers), "t_recv": np.array(times), "data": list(blocks)}
+        if not self.pub.send(topics.RAW, data, block=False):
+            self.rt.counters["bus_full"] += 1
+            return
+        self.rt.gauges["waiting_for_subscriber"] = False
+        self.rt.counters["lines_published"] += self.pending_lines
+        self.rt.counters["batches_published"] += 1
+        self.chunks.clear()
+        self.pending_lines = self.pending_bytes = 0
+        self.room.set()
+
+    async def flusher(self) -> None:
+        period = self.cfg["flush_ms"] / 1000
+        while not self.rt.stopping.is_set():
+            await asyncio.sleep(period)
+            if self.chunks or self.rejects:
+                self.flush()
+            self.rt.gauges.update(connections=self.connections, pending_lines=self.pending_lines)
+            self.rt.tick()
+
+    async def drain(self, deadline_s: float = 10.0) -> None:
+        """On stop: publish whatever is pending (waiting a while for a subscriber)."""
+        end = time.monotonic() + deadline_s
+        while (self.chunks or self.rejects) and time.monotonic() < end:
+            self.flush()
+            if self.chunks or self.rejects:
+                await asyncio.sleep(0.01)
+        if self.chunks:
+            log.error("stopping with %d lines unpublished (no subscriber on raw)",
+                      self.pending_lines)
+            self.rt.counters["lines_lost_at_stop"] += self.pending_lines
+
+
+async def serve(rt: Runtime) -> None:
+    ingest = Ingest(rt)
+    cfg = rt.cfg.ingest
+    server = await asyncio.start_server(
+        ingest.handle, cfg["host"], cfg["port"], limit=READ_SIZE, reuse_address=True, backlog=1024
+    )
+    log.info("ingest listening on %s:%s (max_line %d, batch %d lines / %s ms)", cfg["host"],
+             cfg["port"], cfg["max_line"], cfg["batch_lines"], cfg["flush_ms"])
+    flusher = asyncio.create_task(ingest.flusher())
+    while not rt.stopping.is_set():
+        await asyncio.sleep(0.05)
+    server.close()  # stop accepting; read what the open connections already sent
+    ingest.room.set()
+    await asyncio.sleep(0.05)
+    flusher.cancel()
+    await ingest.drain()
+    log.info("ingest stopped: %d lines in, %d published", rt.counters["lines_in"],
+             rt.counters["lines_published"])
+
+
+def run(cfg: Config) -> int:
+    rt = Runtime("ingest", cfg)
+    rt.install_signals()
+    try:
+        asyncio.run(serve(rt))
+    finally:
+        rt.close()
+    return 0

@@ -1,0 +1,160 @@
+"""plotter: a rolling window of ``power`` per circuit, drawn to PNG once per interval.
+
+One figure, ``<dir>/power.png``: power per circuit and in total (top), voltage (middle),
+current per circuit (bottom). Files are written beside the target and renamed over it, so a
+viewer never reads half a file. Drawing happens at most once per interval whatever the input
+rate, and each line is thinned to ``max_points``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from shared import topics
+from shared.config import Config
+from shared.service import Runtime
+
+log = logging.getLogger("plotter")
+
+
+class Window:
+    """Per-circuit columns (ts_us, watts, volts, amps), trimmed to the last ``window_s``."""
+
+    def __init__(self, window_s: float):
+        self.window_us = int(window_s * 1_000_000)
+        self.data: dict[str, list[np.ndarray]] = {}
+        self.pending: dict[str, list[tuple[np.ndarray, ...]]] = {}
+
+    def add(self, cols: dict) -> None:
+        circuits = cols["circuit"]
+        for name in np.unique(circuits).tolist():
+            sel = circuits == name
+            self.pending.setdefault(name.decode(), []).append(
+                tuple(cols[k][sel] for k in ("ts_us", "watts", "volts", "amps")))
+
+    def series(self) -> dict[str, list[np.ndarray]]:
+        """Fold in what arrived, sort by time, drop what fell out of the window."""
+        for name, parts in self.pending.items():
+            old = self.data.get(name)
+            merged = [np.concatenate(([old[i]] if old else []) + [p[i] for p in parts])
+                      for i in range(4)]
+            order = np.argsort(merged[0], kind="stable")
+            self.data[name] = [col[order] for col in merged]
+        self.pending.clear()
+        if self.data:
+            newest = max(int(d[0][-1]) for d in self.data.values() if len(d[0]))
+            for name, d in self.data.items():
+                keep = np.searchsorted(d[0], newest - self.window_us)
+                self.data[name] = [col[keep:] for col in d]
+        return self.data
+
+
+def thin(ts: np.ndarray, *cols: np.ndarray, max_points: int) -> tuple[np.ndarray, ...]:
+    if len(ts) <= max_points:
+        return (ts, *cols)
+    idx = np.linspace(0, len(ts) - 1, max_points).astype(np.int64)
+    return (ts[idx], *(c[idx] for c in cols))
+
+
+def total_power(series: dict[str, list[np.ndarray]], step_us: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sum of circuits' power on a common time grid (each circuit's last value per step, held)."""
+    if not series:
+        return np.empty(0), np.empty(0)
+    lo = min(int(d[0][0]) for d in series.values() if len(d[0]))
+    hi = max(int(d[0][-1]) for d in series.values() if len(d[0]))
+    grid = np.arange(lo - lo % step_us, hi + step_us, step_us)
+    total = np.zeros(len(grid))
+    for ts, watts, *_ in series.values():
+        idx = np.searchsorted(ts, grid, side="right") - 1
+        total += np.where(idx >= 0, watts[np.maximum(idx, 0)], 0.0)
+    return grid, total
+
+
+class Renderer:
+    def __init__(self, out_dir: str, max_points: int):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.dates as mdates
+        import matplotlib.pyplot as plt
+
+        self.plt, self.mdates = plt, mdates
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.max_points = max_points
+
+    def render(self, series: dict[str, list[np.ndarray]]) -> Path:
+        plt = self.plt
+        fig, (ax_p, ax_v, ax_i) = plt.subplots(3, 1, figsize=(11, 8.5), sharex=True,
+                                               gridspec_kw={"height_ratios": [2, 1, 1]})
+        span = max((d[0][-1] - d[0][0] for d in series.values() if len(d[0])), default=0)
+        step = max(int(span / 600), 100_000)
+        for name, (ts, watts, volts, amps) in sorted(series.items()):
+            t, w, v, a = thin(ts, watts, volts, amps, max_points=self.max_points)
+            when = _mpl_dates(t)
+            ax_p.plot(when, w, lw=1, label=f"circuit {name}")
+            ax_v.plot(when, v, lw=1, label=f"circuit {name}")
+            ax_i.plot(when, a, lw=1, label=f"circuit {name}")
+        if len(series) > 1:
+            grid, total = total_power(series, step)
+            ax_p.plot(_mpl_dates(grid), total, lw=1.6, color="black", label="total")
+        ax_p.set_title("wattflow: power per circuit and total")
+        ax_p.set_ylabel("power, W")
+        ax_v.set_ylabel("voltage, V")
+        ax_i.set_ylabel("current, A")
+        ax_i.set_xlabel("measurement time (UTC of the meters' clock)")
+        for ax in (ax_p, ax_v, ax_i):
+            ax.grid(True, alpha=0.3)
+        if series:
+            ax_p.legend(loc="upper left", fontsize="small", ncol=3)
+        locator = self.mdates.AutoDateLocator()
+        ax_i.xaxis.set_major_locator(locator)
+        ax_i.xaxis.set_major_formatter(self.mdates.ConciseDateFormatter(locator))
+        fig.tight_layout()
+        target = self.out / "power.png"
+        tmp = self.out / f".power.png.{os.getpid()}.tmp"
+        fig.savefig(tmp, dpi=90, format="png")
+        plt.close(fig)
+        os.replace(tmp, target)
+        return target
+
+
+def _mpl_dates(ts_us: np.ndarray) -> np.ndarray:
+    return ts_us.astype("datetime64[us]")
+
+
+def run(cfg: Config) -> int:
+    rt = Runtime("plotter", cfg)
+    rt.install_signals()
+    pc = cfg.plotter
+    window = Window(pc["window_s"])
+    renderer = Renderer(pc["dir"], pc["max_points"])
+    sub = rt.subscriber([topics.POWER])
+    log.info("plotter up: %s/power.png every %ss, window %ss", pc["dir"], pc["interval_s"],
+             pc["window_s"])
+    changed, next_draw = False, 0.0
+    try:
+        while not rt.stopping.is_set():
+            for msg in sub.recv_batch(50, 1000):
+                window.add(msg.data)
+                rt.counters["power_in"] += len(msg.data["ts_us"])
+                changed = True
+            now = time.monotonic()
+            if changed and now >= next_draw:
+                started = time.perf_counter()
+                renderer.render(window.series())
+                rt.counters["frames"] += 1
+                rt.gauges["last_frame_ms"] = round((time.perf_counter() - started) * 1000, 1)
+                changed, next_draw = False, now + pc["interval_s"]
+            rt.tick()
+        if changed:
+            renderer.render(window.series())
+    finally:
+        rt.close()
+    log.info("plotter stopped after %d frames", rt.counters["frames"])
+    return 0

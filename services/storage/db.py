@@ -1,0 +1,104 @@
+"""SQLite persistence: one transaction per batch. The schema is documented in README.md."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+
+from shared.config import Meter
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meters (
+    id          INTEGER PRIMARY KEY,
+    ip          TEXT NOT NULL UNIQUE,   -- the meter's id as it appears in its lines
+    unit        TEXT NOT NULL,          -- 'V' or 'A'
+    range_start REAL NOT NULL,
+    range_stop  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS readings (
+    meter_id INTEGER NOT NULL REFERENCES meters(id),
+    ts_us    INTEGER NOT NULL,          -- measurement time, microseconds since 1970 (meter clock)
+    value    REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS readings_meter_ts ON readings (meter_id, ts_us);
+CREATE TABLE IF NOT EXISTS power (
+    circuit TEXT NOT NULL,
+    ts_us   INTEGER NOT NULL,
+    watts   REAL NOT NULL,
+    volts   REAL NOT NULL,
+    amps    REAL NOT NULL,
+    v_meter TEXT NOT NULL,
+    a_meter TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS power_circuit_ts ON power (circuit, ts_us);
+CREATE TABLE IF NOT EXISTS rejected (
+    t_recv  REAL NOT NULL,              -- when ingest received the line (Unix seconds)
+    peer    TEXT NOT NULL,              -- address:port of the sending connection
+    reason  TEXT NOT NULL,              -- code: malformed, bad_timestamp, unknown_meter, ...
+    message TEXT NOT NULL,              -- a sentence for people
+    line    BLOB NOT NULL               -- the line as received
+);
+CREATE VIEW IF NOT EXISTS readings_view AS
+    SELECT m.ip AS meter, m.unit AS unit, r.ts_us AS ts_us,
+           strftime('%Y-%m-%d %H:%M:%f', r.ts_us / 1e6, 'unixepoch') AS time, r.value AS value
+    FROM readings r JOIN meters m ON m.id = r.meter_id;
+"""
+
+
+class Database:
+    def __init__(self, path: str, meters: tuple[Meter, ...]):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=NORMAL")  # durable at each WAL checkpoint; fast
+        self.conn.executescript(SCHEMA)
+        self.conn.executemany(
+            "INSERT INTO meters (ip, unit, range_start, range_stop) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (ip) DO UPDATE SET unit = excluded.unit,"
+            " range_start = excluded.range_start, range_stop = excluded.range_stop",
+            [(m.ip, m.unit, m.range_start, m.range_stop) for m in meters],
+        )
+        ids = dict(self.conn.execute("SELECT ip, id FROM meters"))
+        # meter index in the config's table -> row id in `meters`
+        self.meter_ids = np.array([ids[m.ip] for m in meters], dtype=np.int64)
+
+    def write(
+        self,
+        readings: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
+        power: list[dict] | None,
+        rejected: list[tuple] | None,
+    ) -> None:
+        """Everything of one batch in one transaction."""
+        with self.conn:
+            self.conn.execute("BEGIN")
+            if readings is not None and len(readings[0]):
+                meter_idx, ts_us, value = readings
+                self.conn.executemany(
+                    "INSERT INTO readings (meter_id, ts_us, value) VALUES (?, ?, ?)",
+                    zip(self.meter_ids[meter_idx].tolist(), ts_us.tolist(), value.tolist(),
+                        strict=True),
+                )
+            for cols in power or ():
+                self.conn.executemany(
+                    "INSERT INTO power VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    zip(*(_pylist(cols[k]) for k in
+                          ("circuit", "ts_us", "watts", "volts", "amps", "v_meter", "a_meter")),
+                        strict=True),
+                )
+            if rejected:
+                self.conn.executemany(
+                    "INSERT INTO rejected (t_recv, peer, reason, message, line)"
+                    " VALUES (?, ?, ?, ?, ?)", rejected)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _pylist(col) -> list:
+    if isinstance(col, np.ndarray):
+        if col.dtype.kind == "S":
+            return [b.decode() for b in col.tolist()]
+        return col.tolist()
+    return list(col)

@@ -1,0 +1,100 @@
+"""storage: validate ``raw`` lines, persist good readings and ``power``, publish ``reading`` and
+``rejected``. Many bus messages go into one database transaction when they queue up."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from services.storage.db import Database
+from shared import parsing, topics
+from shared.config import Config
+from shared.messages import Message
+from shared.service import Runtime
+
+log = logging.getLogger("storage")
+DRAIN_QUIET_MS = 300  # on stop: wait this long with no message before closing
+
+
+class Storage:
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+        self.table = parsing.MeterTable(rt.cfg.meters)
+        self.db = Database(rt.cfg.storage["path"], rt.cfg.meters)
+        self.sub = rt.subscriber([topics.RAW, topics.POWER])
+        self.pub = rt.publisher()
+        self.batch_max = rt.cfg.storage["batch_max"]
+
+    def step(self, timeout_ms: int) -> int:
+        msgs = self.sub.recv_batch(timeout_ms, self.batch_max)
+        if msgs:
+            self.handle(msgs)
+        return len(msgs)
+
+    def handle(self, msgs: list[Message]) -> None:
+        metres, stamps, values, recv_times = [], [], [], []
+        rejected: list[tuple] = []
+        power: list[dict] = []
+        for msg in msgs:
+            if msg.topic == topics.POWER:
+                power.append(msg.data)
+                continue
+            cols = msg.data
+            for peer, t_recv, block in zip(cols["peer"], cols["t_recv"].tolist(), cols["data"],
+                                           strict=True):
+                parsed = parsing.parse_block(block, self.table)
+                metres.append(parsed.meter)
+                stamps.append(parsed.ts_us)
+                values.append(parsed.value)
+                recv_times.append(np.full(parsed.count, t_recv))
+                rejected.extend((t_recv, peer, r.reason, r.message, line)
+                                for line, r in parsed.rejects)
+        readings = None
+        if metres:
+            readings = (np.concatenate(metres), np.concatenate(stamps), np.concatenate(values))
+        self.db.write(readings, power, rejected)
+        self._count(readings, power, rejected)
+        if readings is not None and len(readings[0]):
+            meter_idx, ts_us, value = readings
+            self.pub.send(topics.READING, {
+                "meter": self.table.names[meter_idx],
+                "unit": self.table.units[meter_idx],
+                "ts_us": ts_us,
+                "value": value,
+                "t_recv": np.concatenate(recv_times),
+            })
+        if rejected:
+            t_recv, peer, reason, message, line = zip(*rejected, strict=True)
+            self.pub.send(topics.REJECTED, {"line": list(line), "reason": list(reason),
+                                            "message": list(message), "peer": list(peer),
+                                            "t_recv": np.array(t_recv)})
+
+    def _count(self, readings, power, rejected) -> None:
+        c = self.rt.counters
+        if readings is not None:
+            c["readings_stored"] += len(readings[0])
+        c["power_stored"] += sum(len(p["ts_us"]) for p in power)
+        c["lines_rejected"] += len(rejected)
+        for r in rejected:
+            c[f"rejected.{r[2]}"] += 1
+        c["transactions"] += 1
+
+
+def run(cfg: Config) -> int:
+    rt = Runtime("storage", cfg)
+    rt.install_signals()
+    storage = Storage(rt)
+    log.info("storage up: database %s, %d meters", cfg.storage["path"], len(cfg.meters))
+    try:
+        while not rt.stopping.is_set():
+            storage.step(100)
+            rt.tick()
+        while storage.step(DRAIN_QUIET_MS):  # finish what is already on its way
+            pass
+    finally:
+        storage.db.close()
+        rt.close()
+    log.info("storage stopped: %d readings stored, %d lines rejected",
+             rt.counters["readings_stored"], rt.counters["lines_rejected"])
+    return 0

@@ -1,0 +1,332 @@
+"""The one config loader: YAML file + environment overrides -> a frozen, validated Config.
+
+Where the file comes from: ``--config PATH``, else ``$WATTFLOW_CONFIG``, else ``./config.yaml``
+when present, else the built-in defaults (the original program's five meters).
+
+Every scalar key can be overridden from the environment as ``WATTFLOW_<SECTION>_<KEY>``
+(``WATTFLOW_INGEST_PORT=5000``, ``WATTFLOW_STORAGE_PATH=/data/w.db``); top-level scalars as
+``WATTFLOW_<KEY>`` (``WATTFLOW_METERS_FILE``). A bad value stops the program at start with a
+message naming the key (``ConfigError: ingest.port: expected an integer 1..65535, got 'x'``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ENV_PREFIX = "WATTFLOW_"
+UNITS = {"V": "V", "В": "V", "VOLT": "V", "A": "A", "А": "A", "AMP": "A"}  # Latin and Cyrillic
+
+DEFAULT_METERS = [
+    {"ip": "10.0.0.1", "unit": "V", "range": [0, 110]},
+    {"ip": "10.0.0.2", "unit": "A", "range": [0, 0.5]},
+    {"ip": "10.0.0.3", "unit": "A", "range": [0.2, 1]},
+    {"ip": "10.0.0.4", "unit": "A", "range": [1, 5]},
+    {"ip": "10.0.0.5", "unit": "A", "range": [3, 10]},
+]
+
+DEFAULTS: dict[str, Any] = {
+    "meters": DEFAULT_METERS,
+    "meters_file": None,
+    "circuits": None,
+    "bus": {"publish": "tcp://127.0.0.1:5550", "subscribe": "tcp://127.0.0.1:5551", "hwm": 10000},
+    "broker": {"xsub_bind": "tcp://*:5550", "xpub_bind": "tcp://*:5551"},
+    "ingest": {
+        "host": "0.0.0.0",
+        "port": 44444,
+        "max_line": 1024,
+        "batch_lines": 5000,
+        "flush_ms": 5,
+        "idle_timeout_s": 600,
+        "max_connections": 10000,
+        "replay_bind": "tcp://*:5552",
+    },
+    "storage": {"path": "data/wattflow.db", "batch_max": 50},
+    "power": {"max_time_diff": 0.5},
+    "plotter": {"dir": "plots", "window_s": 300, "interval_s": 1.0, "max_points": 3000},
+    "runtime": {"run_dir": "/tmp/wattflow", "log_level": "INFO", "stats_interval_s": 1.0},
+}
+
+
+class ConfigError(ValueError):
+    """A config problem, with the key it concerns."""
+
+
+@dataclass(frozen=True, slots=True)
+class Meter:
+    ip: str
+    unit: str  # "V" or "A"
+    range_start: float
+    range_stop: float
+
+
+@dataclass(frozen=True, slots=True)
+class Circuit:
+    name: str
+    voltage: str  # ip of the V meter
+    current: str  # ip of the A meter
+
+
+@dataclass(frozen=True)
+class Config:
+    meters: tuple[Meter, ...]
+    circuits: tuple[Circuit, ...]
+    bus: dict[str, Any]
+    broker: dict[str, Any]
+    ingest: dict[str, Any]
+    storage: dict[str, Any]
+    power: dict[str, Any]
+    plotter: dict[str, Any]
+    runtime: dict[str, Any]
+    source: str = "built-in defaults"
+    meter_by_ip: dict[str, Meter] = field(default_factory=dict, compare=False)
+
+
+def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> Config:
+    env = dict(os.environ if env is None else env)
+    path = path or env.get(ENV_PREFIX + "CONFIG")
+    if path is None and Path("config.yaml").is_file():
+        path = "config.yaml"
+    raw = copy.deepcopy(DEFAULTS)
+    source = "built-in defaults"
+    base_dir = Path.cwd()
+    if path is not None:
+        file_data = _read_yaml(Path(path))
+        _merge(raw, file_data)
+        source, base_dir = str(path), Path(path).resolve().parent
+    _apply_env(raw, env)
+    return _build(raw, source, base_dir)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping of sections")
+    unknown = set(data) - set(DEFAULTS)
+    if unknown:
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown key (known: {', '.join(DEFAULTS)})")
+    return data
+
+
+def _merge(raw: dict[str, Any], data: dict[str, Any]) -> None:
+    for key, value in data.items():
+        if isinstance(raw.get(key), dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            unknown = set(value) - set(raw[key])
+            if unknown:
+                known = ", ".join(raw[key])
+                raise ConfigError(f"{key}.{sorted(unknown)[0]}: unknown key (known: {known})")
+            raw[key].update(value)
+        else:
+            raw[key] = value
+
+
+def _apply_env(raw: dict[str, Any], env: dict[str, str]) -> None:
+    for section, value in raw.items():
+        if isinstance(value, dict):
+            for key in value:
+                name = f"{ENV_PREFIX}{section}_{key}".upper()
+                if name in env:
+                    value[key] = yaml.safe_load(env[name]) if env[name] else None
+        elif section not in ("meters", "circuits"):
+            name = f"{ENV_PREFIX}{section}".upper()
+            if name in env:
+                raw[section] = env[name]
+
+
+def _build(raw: dict[str, Any], source: str, base_dir: Path) -> Config:
+    if raw["meters_file"]:
+        meters_path = base_dir / str(raw["meters_file"])
+        meters = parse_meter_file(meters_path)
+    else:
+        meters = _meters(raw["meters"])
+    by_ip = {m.ip: m for m in meters}
+    circuits = _circuits(raw["circuits"], meters, by_ip)
+    _check_sections(raw)
+    return Config(
+        meters=tuple(meters),
+        circuits=tuple(circuits),
+        bus=raw["bus"],
+        broker=raw["broker"],
+        ingest=raw["ingest"],
+        storage=raw["storage"],
+        power=raw["power"],
+        plotter=raw["plotter"],
+        runtime=raw["runtime"],
+        source=source,
+        meter_by_ip=by_ip,
+    )
+
+
+def normalize_unit(unit: Any, key: str) -> str:
+    norm = UNITS.get(str(unit).strip().upper())
+    if norm is None:
+        raise ConfigError(f"{key}: unit must be V or A (Latin or Cyrillic), got {unit!r}")
+    return norm
+
+
+def _meter(ip: Any, unit: Any, start: Any, stop: Any, key: str) -> Meter:
+    if not isinstance(ip, str) or not ip.strip() or any(c in ip for c in "\t\n "):
+        raise ConfigError(f"{key}.ip: expected a meter id such as 10.0.0.1, got {ip!r}")
+    lo, hi = _number(start, f"{key}.range_start"), _number(stop, f"{key}.range_stop")
+    if lo > hi:
+        raise ConfigError(f"{key}: range start {lo} is above range stop {hi}")
+    return Meter(ip.strip(), normalize_unit(unit, f"{key}.unit"), lo, hi)
+
+
+def _meters(items: Any) -> list[Meter]:
+    if not isinstance(items, list) or not items:
+        raise ConfigError("meters: expected a non-empty list of {ip, unit, range: [start, stop]}")
+    meters = []
+    for i, item in enumerate(items):
+        key = f"meters[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {item!r}")
+        unknown = set(item) - {"ip", "unit", "range", "range_start", "range_stop"}
+        if unknown:
+            raise ConfigError(f"{key}.{sorted(unknown)[0]}: unknown key")
+        if "range" in item:
+            rng = item["range"]
+            if not isinstance(rng, list) or len(rng) != 2:
+                raise ConfigError(f"{key}.range: expected [start, stop], got {rng!r}")
+            start, stop = rng
+        else:
+            start, stop = item.get("range_start"), item.get("range_stop")
+        meters.append(_meter(item.get("ip"), item.get("unit"), start, stop, key))
+    _no_duplicates(meters)
+    return meters
+
+
+def _no_duplicates(meters: list[Meter]) -> None:
+    seen: set[str] = set()
+    for m in meters:
+        if m.ip in seen:
+            raise ConfigError(f"meters: meter {m.ip} is listed twice")
+        seen.add(m.ip)
+
+
+def parse_meter_file(path: Path) -> list[Meter]:
+    """The original program's meter file: one meter per line, ``ip<TAB>start<TAB>stop<TAB>unit``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"meters_file: cannot read {path}: {exc}") from None
+    meters = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        parts = line.split("\t") if "\t" in line else line.split()
+        if len(parts) != 4:
+            raise ConfigError(
+                f"meters_file {path}:{lineno}: expected ip, start, stop, unit separated by tabs"
+            )
+        meters.append(_meter(*(p.strip() for p in parts), key=f"meters_file {path}:{lineno}"))
+    if not meters:
+        raise ConfigError(f"meters_file {path}: no meters in the file")
+    _no_duplicates(meters)
+    return meters
+
+
+def _circuits(items: Any, meters: list[Meter], by_ip: dict[str, Meter]) -> list[Circuit]:
+    if items is None:  # the original set-up: one V meter paired with every A meter
+        volts = [m for m in meters if m.unit == "V"]
+        if len(volts) != 1:
+            return []
+        v = volts[0]
+        return [Circuit(m.ip, v.ip, m.ip) for m in meters if m.unit == "A"]
+    if not isinstance(items, list):
+        raise ConfigError("circuits: expected a list of {name, voltage, current}")
+    circuits, names = [], set()
+    for i, item in enumerate(items):
+        key = f"circuits[{i}]"
+        if not isinstance(item, dict) or set(item) - {"name", "voltage", "current"}:
+            raise ConfigError(f"{key}: expected a mapping with name, voltage, current")
+        for role, unit in (("voltage", "V"), ("current", "A")):
+            ip = item.get(role)
+            if ip not in by_ip:
+                raise ConfigError(f"{key}.{role}: {ip!r} is not a configured meter")
+            if by_ip[ip].unit != unit:
+                raise ConfigError(f"{key}.{role}: meter {ip} measures {by_ip[ip].unit}, not {unit}")
+        name = str(item.get("name") or item["current"])
+        if name in names:
+            raise ConfigError(f"{key}.name: circuit {name!r} is listed twice")
+        names.add(name)
+        circuits.append(Circuit(name, item["voltage"], item["current"]))
+    return circuits
+
+
+def _number(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    try:
+        num = float(value)
+    except ValueError:
+        raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if not math.isfinite(num):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    return num
+
+
+_INTS = {
+    ("ingest", "port"): (1, 65535),
+    ("ingest", "max_line"): (16, 1 << 20),
+    ("ingest", "batch_lines"): (1, 1_000_000),
+    ("ingest", "max_connections"): (1, 1_000_000),
+    ("storage", "batch_max"): (1, 10_000),
+    ("plotter", "max_points"): (10, 1_000_000),
+    ("bus", "hwm"): (1, 10_000_000),
+}
+_POSITIVE = {
+    ("ingest", "flush_ms"),
+    ("ingest", "idle_timeout_s"),
+    ("power", "max_time_diff"),
+    ("plotter", "window_s"),
+    ("plotter", "interval_s"),
+    ("runtime", "stats_interval_s"),
+}
+_STRINGS = {
+    ("bus", "publish"),
+    ("bus", "subscribe"),
+    ("broker", "xsub_bind"),
+    ("broker", "xpub_bind"),
+    ("ingest", "host"),
+    ("ingest", "replay_bind"),
+    ("storage", "path"),
+    ("plotter", "dir"),
+    ("runtime", "run_dir"),
+    ("runtime", "log_level"),
+}
+
+
+def _check_sections(raw: dict[str, Any]) -> None:
+    for (section, key), (lo, hi) in _INTS.items():
+        value = raw[section][key]
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise ConfigError(f"{section}.{key}: expected an integer {lo}..{hi}, got {value!r}")
+    for section, key in _POSITIVE:
+        value = _number(raw[section][key], f"{section}.{key}")
+        if value <= 0:
+            raise ConfigError(f"{section}.{key}: expected a number above 0, got {value!r}")
+        raw[section][key] = value
+    for section, key in _STRINGS:
+        value = raw[section][key]
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{section}.{key}: expected a non-empty string, got {value!r}")
+    level = raw["runtime"]["log_level"].upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"runtime.log_level: expected DEBUG, INFO, WARNING or ERROR, got {level}")
+    raw["runtime"]["log_level"] = level
