@@ -1,4 +1,4 @@
-"""The bus broker: the one stable point. XSUB (publishers connect) <-> XPUB (subscribers connect)."""
+"""The bus broker, the one stable point: XSUB (publishers connect), XPUB (subscribers connect)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def run(cfg: Config) -> int:
     log.info("broker up: publishers -> %s, subscribers -> %s", cfg.broker["xsub_bind"],
              cfg.broker["xpub_bind"])
     while not rt.stopping.wait(0.2):
-        rt.heartbeat_file.touch()
+        rt.tick()  # heartbeat file, and stats through the bus like any service
     control.send(b"TERMINATE")
     thread.join(timeout=5)
     for sock in (control, xsub, xpub):

@@ -49,11 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--simulate", action="store_true", help="also start simulated meters")
     up.add_argument("--rate", type=float, default=10.0,
                     help="with --simulate: lines per second per meter (default 10)")
-    sim = sub.add_parser("simulate", parents=[common], help="send simulated meter lines over TCP",
+    sim = sub.add_parser("simulate", parents=[common], help="send simulated meter lines",
                          description="Simulated meters (the configured ones), one TCP "
-                                     "connection each, sending lines stamped with the current time.")
+                                     "connection each, sending lines stamped with the time now.")
     sim.add_argument("--host", default="127.0.0.1", help="ingest host (default 127.0.0.1)")
-    sim.add_argument("--port", type=int, help="ingest port (default: ingest.port from config)")
+    sim.add_argument("--port", type=int, help="ingest port (default: ingest.port of config)")
     sim.add_argument("--rate", type=float, default=10.0, help="lines per second per meter")
     sim.add_argument("--duration", type=float, help="seconds to run (default: until Ctrl-C)")
     sim.add_argument("--invalid", type=float, default=0.0, metavar="FRACTION",

@@ -118,7 +118,8 @@ class Subscriber:
                     msg.seq - 1,
                 )
             else:
-                log.info("%s restarted its %s stream at seq %d", msg.src, msg.topic.decode(), msg.seq)
+                log.info("%s restarted its %s stream at seq %d", msg.src, msg.topic.decode(),
+                         msg.seq)
         self.last_seq[key] = msg.seq
         return msg
 

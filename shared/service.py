@@ -87,6 +87,11 @@ class Runtime:
 
     def stats(self, now: float | None = None) -> dict[str, Any]:
         gaps = sum(s.gaps for s in self._sockets if isinstance(s, Subscriber))
+        subscribed: set[bytes] = set()
+        for pub in self._sockets:
+            if isinstance(pub, Publisher):
+                pub.poll_subscriptions()
+                subscribed |= pub.subscribed
         return {
             "service": self.name,
             "id": self.src,
@@ -94,6 +99,8 @@ class Runtime:
             "uptime_s": round((now or time.time()) - self._started, 1),
             "counters": dict(self.counters, gaps=gaps),
             "gauges": self.gauges,
+            # topics someone listens to (through the broker): who downstream is connected
+            "subscribed": sorted(t.decode(errors="replace") for t in subscribed),
         }
 
     def close(self) -> None:

@@ -23,6 +23,7 @@ from shared.service import Runtime
 
 log = logging.getLogger("ingest")
 READ_SIZE = 1 << 16
+STOP_GRACE_S = 2.0  # on stop: how long open connections may still deliver what they sent
 REJECT_KEEP = 200  # bytes of an over-long line kept in its rejection
 
 
@@ -40,6 +41,8 @@ class Ingest:
         self.room = asyncio.Event()
         self.room.set()
         self.connections = 0
+        self.idle = asyncio.Event()  # set while no connection is open
+        self.idle.set()
         self.rejects: list[tuple[bytes, str, str, str, float]] = []
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -54,6 +57,7 @@ class Ingest:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         self.connections += 1
         self.rt.counters["connections"] += 1
+        self.idle.clear()
         log.debug("meter connected from %s", peer)
         try:
             await self._read_loop(reader, peer)
@@ -61,6 +65,8 @@ class Ingest:
             log.info("connection from %s ended: %s", peer, exc)
         finally:
             self.connections -= 1
+            if not self.connections:
+                self.idle.set()
             writer.close()
 
     async def _read_loop(self, reader: asyncio.StreamReader, peer: str) -> None:
@@ -192,9 +198,12 @@ async def serve(rt: Runtime) -> None:
     flusher = asyncio.create_task(ingest.flusher())
     while not rt.stopping.is_set():
         await asyncio.sleep(0.05)
-    server.close()  # stop accepting; read what the open connections already sent
+    server.close()  # stop accepting; read what the open connections still send
     ingest.room.set()
-    await asyncio.sleep(0.05)
+    try:
+        await asyncio.wait_for(ingest.idle.wait(), STOP_GRACE_S)
+    except TimeoutError:
+        log.info("stopping with %d connections still open", ingest.connections)
     flusher.cancel()
     await ingest.drain()
     log.info("ingest stopped: %d lines in, %d published", rt.counters["lines_in"],

@@ -1,0 +1,164 @@
+"""A real wattflow stack for tests: every service as its own process, bus on ipc://, meters on
+a free TCP port of 127.0.0.1, SQLite and PNGs in a temporary folder. Always stopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+import zmq
+
+from shared import topics
+from shared.bus import Subscriber
+from shared.messages import Message
+
+SERVICES = ("broker", "storage", "power", "plotter", "ingest")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, step: float = 0.05) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail with ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(step)
+
+
+class Stack:
+    def __init__(self, tmp: Path, overrides: dict[str, Any] | None = None):
+        self.tmp = tmp
+        self.port = free_port()
+        bus = tmp / "bus"
+        bus.mkdir(exist_ok=True)
+        self.config: dict[str, Any] = {
+            "bus": {"publish": f"ipc://{bus}/xsub", "subscribe": f"ipc://{bus}/xpub"},
+            "broker": {"xsub_bind": f"ipc://{bus}/xsub", "xpub_bind": f"ipc://{bus}/xpub"},
+            "ingest": {"host": "127.0.0.1", "port": self.port},
+            "storage": {"path": str(tmp / "data" / "wattflow.db")},
+            "plotter": {"dir": str(tmp / "plots"), "interval_s": 0.5},
+            "runtime": {"run_dir": str(tmp / "run"), "stats_interval_s": 0.25},
+        }
+        for section, values in (overrides or {}).items():
+            if isinstance(values, dict):
+                self.config.setdefault(section, {}).update(values)
+            else:
+                self.config[section] = values
+        self.config_path = tmp / "config.yaml"
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.ctx = zmq.Context()
+        self.subs: list[Subscriber] = []
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+
+    @property
+    def db_path(self) -> Path:
+        return Path(self.config["storage"]["path"])
+
+    @property
+    def png_path(self) -> Path:
+        return Path(self.config["plotter"]["dir"]) / "power.png"
+
+    def wattflow(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "services", *args, "--config", str(self.config_path)]
+
+    def start(self, *names: str) -> None:
+        for name in names or SERVICES:
+            with open(self.tmp / f"{name}.log", "ab") as log:
+                self.procs[name] = subprocess.Popen(self.wattflow(name), env=self.env,
+                                                    stdout=log, stderr=subprocess.STDOUT,
+                                                    cwd=self.tmp)
+
+    def subscribe(self, *wanted: bytes) -> Subscriber:
+        sub = Subscriber(self.ctx, self.config["bus"]["subscribe"], list(wanted))
+        self.subs.append(sub)
+        return sub
+
+    def wait_ready(self, timeout: float = 30.0) -> dict[str, dict]:
+        """Every service reports, and the subscriptions data depends on have reached the
+        publishers: ingest sees a `raw` listener (storage), storage a `reading` one (power)."""
+        sub = self.subscribe(topics.STATS)
+        latest: dict[str, dict] = {}
+
+        def ready() -> bool:
+            self.check_alive()
+            for msg in drain(sub, 50):
+                latest[msg.data["service"]] = msg.data
+            return (set(latest) >= set(SERVICES)
+                    and "raw" in latest["ingest"]["subscribed"]
+                    and "reading" in latest["storage"]["subscribed"])
+
+        wait_for(ready, timeout, f"all services ready (seen: {sorted(latest)})")
+        return latest
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise AssertionError(f"{name} exited with {proc.returncode}:\n{self.log(name)}")
+
+    def log(self, name: str) -> str:
+        path = self.tmp / f"{name}.log"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+    def send(self, data: bytes) -> None:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+            sock.sendall(data)
+
+    def query(self, sql: str, *params: Any) -> list[tuple]:
+        if not self.db_path.exists():
+            return []
+        conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=5)
+        try:
+            return conn.execute(sql, params).fetchall()
+        except sqlite3.OperationalError:  # schema not created yet
+            return []
+        finally:
+            conn.close()
+
+    def count(self, table: str) -> int:
+        rows = self.query(f"SELECT count(*) FROM {table}")
+        return rows[0][0] if rows else 0
+
+    def stop(self, *names: str, sig: int = signal.SIGTERM, timeout: float = 20) -> dict[str, int]:
+        codes = {}
+        for name in names:
+            proc = self.procs[name]
+            if proc.poll() is None:
+                proc.send_signal(sig)
+        for name in names:
+            try:
+                codes[name] = self.procs[name].wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.procs[name].kill()
+                codes[name] = self.procs[name].wait()
+        return codes
+
+    def close(self) -> None:
+        for sub in self.subs:
+            sub.close()
+        for name in ("ingest", "storage", "power", "plotter", "broker"):
+            if name in self.procs:
+                self.stop(name)
+        self.ctx.term()
+
+
+def drain(sub: Subscriber, timeout_ms: int) -> list[Message]:
+    return sub.recv_batch(timeout_ms, 10_000)
