@@ -18,9 +18,9 @@ def run(cfg: Config) -> int:
     rt.install_signals()
     xsub = rt.ctx.socket(zmq.XSUB)
     xpub = rt.ctx.socket(zmq.XPUB)
-    # Nothing is dropped here: a full subscriber queue makes the proxy wait, which fills the
-    # publishers' queues, which makes ingest stop reading its TCP sockets (backpressure).
-    xpub.setsockopt(zmq.XPUB_NODROP, 1)
+    # A subscriber whose queue is full (hwm batches behind) loses messages here rather than
+    # stalling every other subscriber: a slow `wattflow tap` must not stop the pipeline. The
+    # raw stream is protected end to end instead (ingest resends what storage has not acked).
     for sock in (xsub, xpub):
         sock.setsockopt(zmq.SNDHWM, cfg.bus["hwm"])
         sock.setsockopt(zmq.RCVHWM, cfg.bus["hwm"])

@@ -47,12 +47,24 @@ class Publisher:
 
     def send(self, topic: bytes, data: Any, block: bool = True) -> bool:
         """Send one batch; False (nothing sent, sequence unchanged) if not ``block`` and full."""
-        body = messages.encode(self.src, self.seq[topic], time.time(), data)
+        if not self.send_seq(topic, self.seq[topic], data, block):
+            return False
+        self.seq[topic] += 1
+        return True
+
+    def take_seq(self, topic: bytes) -> int:
+        """Allocate the next sequence number, for senders that keep and resend their batches."""
+        seq = self.seq[topic]
+        self.seq[topic] += 1
+        return seq
+
+    def send_seq(self, topic: bytes, seq: int, data: Any, block: bool = False) -> bool:
+        """Send a batch under a given sequence number (first time or again); False if full."""
+        body = messages.encode(self.src, seq, time.time(), data)
         try:
             self.sock.send_multipart([topic, body], flags=0 if block else zmq.DONTWAIT)
         except zmq.Again:
             return False
-        self.seq[topic] += 1
         return True
 
     def close(self) -> None:
@@ -71,6 +83,7 @@ class Subscriber:
         self.sock.connect(endpoint)
         self.last_seq: dict[tuple[str, bytes], int] = {}
         self.gaps = 0  # messages missed between two that arrived
+        self.repeats = 0  # sequence numbers seen again (resent batches, restarted senders)
         self.bad = 0  # undecodable bodies
 
     def recv(self, timeout_ms: int) -> messages.Message | None:
@@ -118,8 +131,7 @@ class Subscriber:
                     msg.seq - 1,
                 )
             else:
-                log.info("%s restarted its %s stream at seq %d", msg.src, msg.topic.decode(),
-                         msg.seq)
+                self.repeats += 1
         self.last_seq[key] = msg.seq
         return msg
 

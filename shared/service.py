@@ -9,6 +9,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,9 @@ class Runtime:
     def __init__(self, name: str, cfg: Config, instance: str | None = None):
         self.name = name
         self.cfg = cfg
-        self.src = instance or f"{name}-{socket.gethostname()}-{os.getpid()}"
+        # unique per run: a restarted container has the same host name and often the same pid
+        run = uuid.uuid4().hex[:6]
+        self.src = instance or f"{name}-{socket.gethostname()}-{os.getpid()}-{run}"
         self.ctx = zmq.Context()
         self.stopping = threading.Event()
         self.counters: Counter[str] = Counter()
@@ -86,7 +89,8 @@ class Runtime:
             self._stats_pub.send(topics.STATS, self.stats(now), block=False)
 
     def stats(self, now: float | None = None) -> dict[str, Any]:
-        gaps = sum(s.gaps for s in self._sockets if isinstance(s, Subscriber))
+        subs = [s for s in self._sockets if isinstance(s, Subscriber)]
+        gaps, repeats = sum(s.gaps for s in subs), sum(s.repeats for s in subs)
         subscribed: set[bytes] = set()
         for pub in self._sockets:
             if isinstance(pub, Publisher):
@@ -97,7 +101,7 @@ class Runtime:
             "id": self.src,
             "pid": os.getpid(),
             "uptime_s": round((now or time.time()) - self._started, 1),
-            "counters": dict(self.counters, gaps=gaps),
+            "counters": dict(self.counters, gaps=gaps, repeats=repeats),
             "gauges": self.gauges,
             # topics someone listens to (through the broker): who downstream is connected
             "subscribed": sorted(t.decode(errors="replace") for t in subscribed),

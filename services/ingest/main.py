@@ -14,6 +14,7 @@ import asyncio
 import logging
 import socket
 import time
+from collections import OrderedDict
 
 import numpy as np
 
@@ -23,6 +24,7 @@ from shared.service import Runtime
 
 log = logging.getLogger("ingest")
 READ_SIZE = 1 << 16
+MAX_RESEND_S = 30.0  # longest wait between two resends while storage stays silent
 STOP_GRACE_S = 2.0  # on stop: how long open connections may still deliver what they sent
 REJECT_KEEP = 200  # bytes of an over-long line kept in its rejection
 
@@ -37,9 +39,17 @@ class Ingest:
         self.pending_lines = 0
         self.pending_bytes = 0
         self.batch_started = 0.0
-        self.cap_bytes = max(64 << 20, self.cfg["batch_lines"] * self.max_line * 4)
-        self.room = asyncio.Event()
+        self.cap_bytes = int(self.cfg["max_buffer_mb"] * (1 << 20))
+        self.room = asyncio.Event()  # cleared while the buffer is full: stop reading sockets
         self.room.set()
+        # batches sent (or waiting to be) but not yet acked by storage, by sequence number
+        self.unacked: OrderedDict[int, tuple[dict, int, int]] = OrderedDict()
+        self.unacked_lines = self.unacked_bytes = 0
+        self.next_send = 0  # the next sequence number to hand to the bus
+        self.acks = rt.subscriber([topics.ACK])
+        self.ack_timeout = self.cfg["ack_timeout_s"]
+        self.resend_after = self.ack_timeout
+        self.last_progress = time.monotonic()
         self.connections = 0
         self.idle = asyncio.Event()  # set while no connection is open
         self.idle.set()
@@ -115,7 +125,7 @@ class Ingest:
         self.rt.counters["lines_in"] += lines
         if self.pending_lines >= self.cfg["batch_lines"]:
             self.flush()
-        if self.pending_bytes >= self.cap_bytes:
+        if self.buffered() >= self.cap_bytes:
             self.room.clear()
 
     def _drop_long_lines(self, peer: str, now: float, block: bytes) -> bytes:
@@ -141,50 +151,120 @@ class Ingest:
         self.rt.counters[f"rejected.{parsing.TOO_LONG}"] += 1
 
     def flush(self) -> None:
-        """Publish the pending batch if someone listens and the bus takes it."""
+        """Turn what waits into a numbered batch and hand batches to the bus."""
         if self.rejects:
             lines, reasons, texts, peers, times = zip(*self.rejects, strict=True)
             data = {"line": list(lines), "reason": list(reasons), "message": list(texts),
                     "peer": list(peers), "t_recv": np.array(times)}
             if self.pub.send(topics.REJECTED, data, block=False):
                 self.rejects.clear()
-        if not self.chunks:
+        if self.chunks:
+            peers, times, blocks = zip(*self.chunks, strict=True)
+            seq = self.pub.take_seq(topics.RAW)
+            data = {"peer": list(peers), "t_recv": np.array(times), "data": list(blocks)}
+            self.unacked[seq] = (data, self.pending_lines, self.pending_bytes)
+            self.unacked_lines += self.pending_lines
+            self.unacked_bytes += self.pending_bytes
+            self.rt.counters["batches"] += 1
+            self.chunks.clear()
+            self.pending_lines = self.pending_bytes = 0
+        self.pump()
+
+    def pump(self) -> None:
+        """Send the batches not yet sent (or to be sent again), oldest first, while the bus
+        takes them and someone listens on ``raw``."""
+        if not self.unacked or self.next_send > next(reversed(self.unacked)):
             return
         if not self.pub.has_subscriber(topics.RAW):
             self.rt.gauges["waiting_for_subscriber"] = True
             return
-        peers, times, blocks = zip(*self.chunks, strict=True)
-        data = {"peer": list(peers), "t_recv": np.array(times), "data": list(blocks)}
-        if not self.pub.send(topics.RAW, data, block=False):
-            self.rt.counters["bus_full"] += 1
-            return
         self.rt.gauges["waiting_for_subscriber"] = False
-        self.rt.counters["lines_published"] += self.pending_lines
-        self.rt.counters["batches_published"] += 1
-        self.chunks.clear()
-        self.pending_lines = self.pending_bytes = 0
-        self.room.set()
+        base = next(iter(self.unacked))
+        self.next_send = max(self.next_send, base)
+        while self.next_send in self.unacked:
+            data = self.unacked[self.next_send][0]
+            data["base"] = base  # the oldest batch we still hold: where a new storage starts
+            if not self.pub.send_seq(topics.RAW, self.next_send, data):
+                self.rt.counters["bus_full"] += 1
+                return
+            self.next_send += 1
+
+    def on_ack(self, seq: int) -> None:
+        """Storage has durably applied every batch up to ``seq``: forget them."""
+        progressed = False
+        while self.unacked:
+            first = next(iter(self.unacked))
+            if first > seq:
+                break
+            _, lines, size = self.unacked.pop(first)
+            self.unacked_lines -= lines
+            self.unacked_bytes -= size
+            self.rt.counters["lines_acked"] += lines
+            progressed = True
+        if progressed:
+            self.last_progress = time.monotonic()
+            self.resend_after = self.ack_timeout
+        if self.buffered() < self.cap_bytes // 2:
+            self.room.set()
+
+    def buffered(self) -> int:
+        return self.pending_bytes + self.unacked_bytes
+
+    def poll_acks(self) -> None:
+        for msg in self.acks.recv_batch(0, 1000):
+            cols = msg.data
+            for source, seq in zip(cols["source"], cols["seq"], strict=True):
+                if source == self.pub.src:
+                    self.on_ack(seq)
+
+    def maybe_resend(self) -> None:
+        """No ack progress for a while although batches were sent: storage lost them (it
+        restarted, the broker restarted, or they arrived out of order). Go back and resend
+        everything unacked, waiting longer each time nothing moves."""
+        if not self.unacked or self.next_send <= next(iter(self.unacked)):
+            return
+        now = time.monotonic()
+        if now - self.last_progress < self.resend_after:
+            return
+        first = next(iter(self.unacked))
+        log.warning("no ack for %.1fs: resending %d batches (%d lines) from seq %d",
+                    now - self.last_progress, len(self.unacked), self.unacked_lines, first)
+        self.rt.counters["resent_batches"] += self.next_send - first
+        self.next_send = first
+        self.last_progress = now
+        self.resend_after = min(self.resend_after * 2, MAX_RESEND_S)
 
     async def flusher(self) -> None:
         period = self.cfg["flush_ms"] / 1000
         while not self.rt.stopping.is_set():
             await asyncio.sleep(period)
-            if self.chunks or self.rejects:
-                self.flush()
-            self.rt.gauges.update(connections=self.connections, pending_lines=self.pending_lines)
-            self.rt.tick()
+            self.housekeeping()
 
-    async def drain(self, deadline_s: float = 10.0) -> None:
-        """On stop: publish whatever is pending (waiting a while for a subscriber)."""
-        end = time.monotonic() + deadline_s
-        while (self.chunks or self.rejects) and time.monotonic() < end:
+    def housekeeping(self) -> None:
+        self.poll_acks()
+        if self.chunks or self.rejects:
             self.flush()
-            if self.chunks or self.rejects:
-                await asyncio.sleep(0.01)
-        if self.chunks:
-            log.error("stopping with %d lines unpublished (no subscriber on raw)",
-                      self.pending_lines)
-            self.rt.counters["lines_lost_at_stop"] += self.pending_lines
+        self.maybe_resend()
+        self.pump()
+        oldest = 0.0
+        if self.unacked:
+            oldest = time.time() - float(self.unacked[next(iter(self.unacked))][0]["t_recv"][0])
+        self.rt.gauges.update(connections=self.connections, pending_lines=self.pending_lines,
+                              unacked_batches=len(self.unacked), unacked_lines=self.unacked_lines,
+                              buffered_bytes=self.buffered(),
+                              oldest_unacked_age_s=round(oldest, 3))
+        self.rt.tick()
+
+    async def drain(self, deadline_s: float) -> None:
+        """On stop: publish what waits and wait (a while) until storage has acked it all."""
+        end = time.monotonic() + deadline_s
+        while (self.chunks or self.rejects or self.unacked) and time.monotonic() < end:
+            self.housekeeping()
+            await asyncio.sleep(0.005)
+        if self.unacked or self.chunks:
+            lines = self.unacked_lines + self.pending_lines
+            log.error("stopping with %d lines not confirmed by storage (is it running?)", lines)
+            self.rt.counters["lines_unconfirmed_at_stop"] += lines
 
 
 async def serve(rt: Runtime) -> None:
@@ -205,9 +285,9 @@ async def serve(rt: Runtime) -> None:
     except TimeoutError:
         log.info("stopping with %d connections still open", ingest.connections)
     flusher.cancel()
-    await ingest.drain()
-    log.info("ingest stopped: %d lines in, %d published", rt.counters["lines_in"],
-             rt.counters["lines_published"])
+    await ingest.drain(cfg["stop_timeout_s"])
+    log.info("ingest stopped: %d lines in, %d confirmed stored or rejected by storage",
+             rt.counters["lines_in"], rt.counters["lines_acked"])
 
 
 def run(cfg: Config) -> int:

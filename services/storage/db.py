@@ -40,6 +40,10 @@ CREATE TABLE IF NOT EXISTS rejected (
     message TEXT NOT NULL,              -- a sentence for people
     line    BLOB NOT NULL               -- the line as received
 );
+CREATE TABLE IF NOT EXISTS applied (
+    source TEXT PRIMARY KEY,            -- an ingest run's id
+    seq    INTEGER NOT NULL             -- its last raw batch applied (in the same transaction)
+);
 CREATE VIEW IF NOT EXISTS readings_view AS
     SELECT m.ip AS meter, m.unit AS unit, r.ts_us AS ts_us,
            strftime('%Y-%m-%d %H:%M:%f', r.ts_us / 1e6, 'unixepoch') AS time, r.value AS value
@@ -69,10 +73,17 @@ class Database:
         readings: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
         power: list[dict] | None,
         rejected: list[tuple] | None,
+        applied: dict[str, int] | None = None,
     ) -> None:
-        """Everything of one batch in one transaction."""
+        """Everything of one batch in one transaction, with the raw sequence numbers it covers:
+        after a crash the database holds a batch's rows exactly when it holds its number."""
         with self.conn:
             self.conn.execute("BEGIN")
+            if applied:
+                self.conn.executemany(
+                    "INSERT INTO applied (source, seq) VALUES (?, ?)"
+                    " ON CONFLICT (source) DO UPDATE SET seq = excluded.seq",
+                    applied.items())
             if readings is not None and len(readings[0]):
                 meter_idx, ts_us, value = readings
                 self.conn.executemany(
@@ -91,6 +102,9 @@ class Database:
                 self.conn.executemany(
                     "INSERT INTO rejected (t_recv, peer, reason, message, line)"
                     " VALUES (?, ?, ?, ?, ?)", rejected)
+
+    def applied(self) -> dict[str, int]:
+        return dict(self.conn.execute("SELECT source, seq FROM applied"))
 
     def close(self) -> None:
         self.conn.close()

@@ -25,6 +25,8 @@ class Storage:
         self.sub = rt.subscriber([topics.RAW, topics.POWER])
         self.pub = rt.publisher()
         self.batch_max = rt.cfg.storage["batch_max"]
+        self.applied = self.db.applied()  # ingest run -> last raw batch in the database
+        self.next_ack = 0.0
 
     def step(self, timeout_ms: int) -> int:
         msgs = self.sub.recv_batch(timeout_ms, self.batch_max)
@@ -36,10 +38,16 @@ class Storage:
         metres, stamps, values, recv_times = [], [], [], []
         rejected: list[tuple] = []
         power: list[dict] = []
+        applied: dict[str, int] = {}
+        seen: set[str] = set()
         for msg in msgs:
             if msg.topic == topics.POWER:
                 power.append(msg.data)
                 continue
+            seen.add(msg.src)
+            if not self._in_order(msg, applied):
+                continue
+            applied[msg.src] = msg.seq
             cols = msg.data
             for peer, t_recv, block in zip(cols["peer"], cols["t_recv"].tolist(), cols["data"],
                                            strict=True):
@@ -53,8 +61,11 @@ class Storage:
         readings = None
         if metres:
             readings = (np.concatenate(metres), np.concatenate(stamps), np.concatenate(values))
-        self.db.write(readings, power, rejected)
+        self.db.write(readings, power, rejected, applied)
+        self.applied.update(applied)
         self._count(readings, power, rejected)
+        if seen:
+            self.ack(seen)
         if readings is not None and len(readings[0]):
             meter_idx, ts_us, value = readings
             self.pub.send(topics.READING, {
@@ -69,6 +80,25 @@ class Storage:
             self.pub.send(topics.REJECTED, {"line": list(line), "reason": list(reason),
                                             "message": list(message), "peer": list(peer),
                                             "t_recv": np.array(t_recv)})
+
+    def _in_order(self, msg: Message, applied: dict[str, int]) -> bool:
+        """Apply each ingest run's batches once, in order. Anything else is dropped here and
+        comes again: ingest resends from the first batch it has no ack for."""
+        last = applied.get(msg.src, self.applied.get(msg.src))
+        if last is None:  # a new ingest run: start at the oldest batch it still holds
+            expected = msg.data.get("base", 0)
+        else:
+            expected = last + 1
+        if msg.seq == expected:
+            return True
+        self.rt.counters["duplicates" if msg.seq < expected else "out_of_order"] += 1
+        return False
+
+    def ack(self, sources) -> None:
+        acked = [(s, self.applied[s]) for s in sources if s in self.applied]
+        if acked:
+            src, seq = zip(*acked, strict=True)
+            self.pub.send(topics.ACK, {"source": list(src), "seq": list(seq)})
 
     def _count(self, readings, power, rejected) -> None:
         c = self.rt.counters

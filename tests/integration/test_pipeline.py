@@ -61,7 +61,7 @@ def settled(stack, expected_lines: int) -> bool:
     stats = refresh(stack)
     ingest = stats.get("ingest", {}).get("counters", {})
     storage = stats.get("storage", {}).get("counters", {})
-    return (ingest.get("lines_published", 0) + ingest.get("rejected.line_too_long", 0)
+    return (ingest.get("lines_acked", 0) + ingest.get("rejected.line_too_long", 0)
             == expected_lines
             and storage.get("readings_stored", 0) + storage.get("lines_rejected", 0)
             + ingest.get("rejected.line_too_long", 0) == expected_lines)
