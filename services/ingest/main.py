@@ -238,7 +238,11 @@ class Ingest:
         period = self.cfg["flush_ms"] / 1000
         while not self.rt.stopping.is_set():
             await asyncio.sleep(period)
-            self.housekeeping()
+            try:
+                self.housekeeping()
+            except Exception:  # a bug here must not silently stop flushing and acking
+                log.exception("housekeeping failed")
+                self.rt.counters["internal_errors"] += 1
 
     def housekeeping(self) -> None:
         self.poll_acks()

@@ -20,3 +20,72 @@ def in_range(meter: str, k: int) -> float:
     """A value inside the meter's range, different for each k, exact in decimal."""
     lo, hi = RANGES[meter]
     return round(lo + (hi - lo) * ((k * 37) % 101) / 100, 6)
+
+
+class Feeder:
+    """Sends ``connections`` short connections one after another, each with ``per_conn`` lines
+    of ticks (one V and four A readings at the same instant, instants 10 ms apart), retrying a
+    refused connection (ingest restarting). A connection either delivers all its lines or is
+    refused, so every line sent is a line ingest accepted."""
+
+    def __init__(self, port: int, connections: int, ticks_per_conn: int = 100,
+                 invalid_every: int = 0, pause_s: float = 0.01):
+        import threading
+
+        self.port = port
+        self.payloads: list[bytes] = []
+        self.expected: list[tuple[str, int, float]] = []
+        self.invalid = 0
+        k = 0
+        for _ in range(connections):
+            parts = []
+            for _ in range(ticks_per_conn):
+                t = T0 + k * SECOND // 100
+                for meter in RANGES:
+                    if invalid_every and k % invalid_every == 0 and meter == "10.0.0.3":
+                        parts.append(line(meter, t, 99.0))  # out of range
+                        self.invalid += 1
+                        continue
+                    value = in_range(meter, k)
+                    parts.append(line(meter, t, value))
+                    self.expected.append((meter, t, value))
+                k += 1
+            self.payloads.append(b"".join(parts))
+        self.lines = len(self.expected) + self.invalid
+        self.sent_conns = 0
+        self.pause_s = pause_s
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> Feeder:
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        import socket
+        import time
+
+        try:
+            for payload in self.payloads:
+                deadline = time.monotonic() + 60
+                while True:
+                    try:
+                        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
+                            s.sendall(payload)
+                        break
+                    except ConnectionRefusedError:
+                        if time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.05)
+                self.sent_conns += 1
+                time.sleep(self.pause_s)
+        except BaseException as exc:  # reported by done()
+            self.error = exc
+
+    def progress(self) -> float:
+        return self.sent_conns / len(self.payloads)
+
+    def done(self) -> bool:
+        if self.error:
+            raise self.error
+        return not self.thread.is_alive()

@@ -31,14 +31,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(condition: Callable[[], Any], timeout: float, what: str, step: float = 0.05) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail with ``what`` at the deadline."""
+def wait_for(condition: Callable[[], Any], timeout: float, what: str | Callable[[], str],
+             step: float = 0.05) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail with ``what`` at the deadline
+    (a callable ``what`` is asked then, to describe the state at the end)."""
     deadline = time.monotonic() + timeout
     while True:
         result = condition()
         if result:
             return result
         if time.monotonic() > deadline:
+            what = what() if callable(what) else what
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(step)
 
@@ -68,6 +71,38 @@ class Stack:
         self.ctx = zmq.Context()
         self.subs: list[Subscriber] = []
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+        self.stats_sub = self.subscribe(topics.STATS)
+        self.last_stats: dict[str, dict] = {}  # service -> its latest stats message
+
+    def stats(self) -> dict[str, dict]:
+        """The latest stats of each service (reads what arrived since the last call)."""
+        for msg in drain(self.stats_sub, 20):
+            self.last_stats[msg.data["service"]] = msg.data
+        return self.last_stats
+
+    def counters(self, service: str) -> dict[str, int]:
+        return self.stats().get(service, {}).get("counters", {})
+
+    def listening(self, topic: str, *services: str) -> bool:
+        """The named services' publishers see a subscriber for ``topic``."""
+        stats = self.stats()
+        return all(topic in stats.get(s, {}).get("subscribed", ()) for s in services)
+
+    def settled(self, lines: int) -> bool:
+        """The database decided on ``lines`` lines (stored or rejected; ingest's own rejects
+        counted too) and ingest holds nothing unconfirmed. Counters restart with a service,
+        so the database is the judge."""
+        stats = self.stats().get("ingest", {})
+        gauges = stats.get("gauges", {})
+        too_long = stats.get("counters", {}).get("rejected.line_too_long", 0)
+        return (gauges.get("unacked_lines") == 0 and gauges.get("pending_lines") == 0
+                and self.count("readings") + self.count("rejected") + too_long == lines)
+
+    def describe(self) -> str:
+        stats = self.stats()
+        return (f"readings={self.count('readings')} rejected={self.count('rejected')} "
+                + " ".join(f"{k}: {v.get('counters')} {v.get('gauges')}" for k, v in stats.items()
+                           if k in ("ingest", "storage")))
 
     @property
     def db_path(self) -> Path:
@@ -95,13 +130,11 @@ class Stack:
     def wait_ready(self, timeout: float = 30.0) -> dict[str, dict]:
         """Every service reports, and the subscriptions data depends on have reached the
         publishers: ingest sees a `raw` listener (storage), storage a `reading` one (power)."""
-        sub = self.subscribe(topics.STATS)
-        latest: dict[str, dict] = {}
+        latest = self.last_stats
 
         def ready() -> bool:
             self.check_alive()
-            for msg in drain(sub, 50):
-                latest[msg.data["service"]] = msg.data
+            self.stats()
             return (set(latest) >= set(SERVICES)
                     and "raw" in latest["ingest"]["subscribed"]
                     and "reading" in latest["storage"]["subscribed"])
@@ -150,6 +183,14 @@ class Stack:
                 self.procs[name].kill()
                 codes[name] = self.procs[name].wait()
         return codes
+
+    def kill(self, name: str) -> None:
+        """kill -9: no chance to flush anything."""
+        self.procs[name].kill()
+        self.procs[name].wait()
+
+    def restart(self, name: str) -> None:
+        self.start(name)
 
     def close(self) -> None:
         for sub in self.subs:

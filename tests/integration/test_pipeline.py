@@ -44,38 +44,7 @@ def send_concurrently(port: int, payloads: list[bytes], seed: int = 1) -> None:
     assert not errors, errors
 
 
-def refresh(stack) -> dict[str, dict]:
-    for msg in drain(stack.stats_sub, 50):
-        stack.last_stats[msg.data["service"]] = msg.data
-    return stack.last_stats
-
-
-def listening(stack, topic: str, *services: str) -> bool:
-    """The named services' publishers see a subscriber for ``topic`` (ours, via the broker)."""
-    stats = refresh(stack)
-    return all(topic in stats.get(s, {}).get("subscribed", ()) for s in services)
-
-
-def settled(stack, expected_lines: int) -> bool:
-    """ingest took every line and storage decided on every one (stored or rejected)."""
-    stats = refresh(stack)
-    ingest = stats.get("ingest", {}).get("counters", {})
-    storage = stats.get("storage", {}).get("counters", {})
-    return (ingest.get("lines_acked", 0) + ingest.get("rejected.line_too_long", 0)
-            == expected_lines
-            and storage.get("readings_stored", 0) + storage.get("lines_rejected", 0)
-            + ingest.get("rejected.line_too_long", 0) == expected_lines)
-
-
-@pytest.fixture
-def watched(stack):
-    stack.stats_sub = stack.subscribe(topics.STATS)
-    stack.last_stats = {}
-    return stack
-
-
-def test_concurrent_meters_every_valid_line_stored_exactly_once(watched):
-    stack = watched
+def test_concurrent_meters_every_valid_line_stored_exactly_once(stack):
     expected: Counter = Counter()
     payloads = []
     for c in range(8):
@@ -91,7 +60,7 @@ def test_concurrent_meters_every_valid_line_stored_exactly_once(watched):
         payloads.append(b"".join(parts))
     send_concurrently(stack.port, payloads)
     total = sum(expected.values())
-    wait_for(lambda: settled(stack, total), 30, f"{total} lines settled")
+    wait_for(lambda: stack.settled(total), 30, f"{total} lines settled")
     rows = stack.query("SELECT meter, ts_us, value FROM readings_view")
     assert Counter(rows) == expected
     assert stack.count("rejected") == 0
@@ -114,10 +83,9 @@ BAD = [
 ]
 
 
-def test_invalid_lines_rejected_with_reason_and_connection_stays_usable(watched):
-    stack = watched
+def test_invalid_lines_rejected_with_reason_and_connection_stays_usable(stack):
     rejected_sub = stack.subscribe(topics.REJECTED)
-    wait_for(lambda: listening(stack, "rejected", "ingest", "storage"), 10, "our subscription")
+    wait_for(lambda: stack.listening("rejected", "ingest", "storage"), 10, "our subscription")
     long_line = b"10.0.0.1\t2024.04.27 12:00:00.000000\t" + b"1" * 5000
     good = [line("10.0.0.1", T0 + k, 100) for k in range(3)]
     payload = (good[0] + b"\n".join(b for b, _ in BAD) + b"\n" + long_line + b"\n" + good[1]
@@ -139,14 +107,13 @@ def test_invalid_lines_rejected_with_reason_and_connection_stays_usable(watched)
         assert seen[bad][1]  # a sentence for people
     too_long = [(ln, r) for ln, r, _ in got if r == "line_too_long"]
     assert len(too_long) == 2 and all(long_line.startswith(ln) for ln, _ in too_long)
-    wait_for(lambda: settled(stack, 3 + len(BAD) + 2), 20, "all lines settled")
+    wait_for(lambda: stack.settled(3 + len(BAD) + 2), 20, "all lines settled")
     assert stack.count("readings") == 3
     stored_reasons = Counter(r for (r,) in stack.query("SELECT reason FROM rejected"))
     assert stored_reasons == Counter(reason for _, reason in BAD)
 
 
-def test_power_pairs_within_max_time_diff_only(watched):
-    stack = watched
+def test_power_pairs_within_max_time_diff_only(stack):
     # one connection keeps the order: V first, then the A meters, tick by tick 2 s apart
     expected = set()
     parts = []
@@ -161,7 +128,7 @@ def test_power_pairs_within_max_time_diff_only(watched):
             if offset <= SECOND // 2:
                 expected.add((meter, t_v + offset, volts, amps))
     stack.send(b"".join(parts))
-    wait_for(lambda: settled(stack, len(parts)), 20, "lines settled")
+    wait_for(lambda: stack.settled(len(parts)), 20, "lines settled")
     wait_for(lambda: stack.count("power") >= len(expected), 20,
              f"{len(expected)} power rows (have {stack.count('power')})")
     rows = stack.query("SELECT circuit, ts_us, volts, amps, watts, v_meter, a_meter FROM power")
@@ -172,8 +139,7 @@ def test_power_pairs_within_max_time_diff_only(watched):
         assert (v_meter, a_meter) == (V_METER, circuit)
 
 
-def test_original_demo_lines_store_all_and_power_for_every_current_meter(watched):
-    stack = watched
+def test_original_demo_lines_store_all_and_power_for_every_current_meter(stack):
     demo = (
         b"10.0.0.1\t2024.04.27 14:23:55.123456\t100.5\n"
         b"10.0.0.2\t2024.04.27 14:23:55.223456\t0.25\n"
@@ -189,8 +155,7 @@ def test_original_demo_lines_store_all_and_power_for_every_current_meter(watched
                                   "10.0.0.5": 753.75})
 
 
-def test_png_chart_appears(watched):
-    stack = watched
+def test_png_chart_appears(stack):
     stack.send(b"".join(line(V_METER, T0 + k * SECOND, 100) + line("10.0.0.4", T0 + k * SECOND, 2)
                         for k in range(20)))
     png = wait_for(lambda: stack.png_path.exists() and stack.png_path, 30, "plots/power.png")
@@ -238,8 +203,7 @@ def test_status_json_lists_every_service(stack):
                                                                    "plotter", "broker"}
 
 
-def test_sigterm_flushes_in_flight_lines(watched):
-    stack = watched
+def test_sigterm_flushes_in_flight_lines(stack):
     n = 5000
     stack.send(b"".join(line(METERS[i % 5], T0 + i, in_range(METERS[i % 5], i)) for i in range(n)))
     codes = stack.stop("ingest")

@@ -1,0 +1,105 @@
+"""Nothing lost, nothing twice: slow consumers, any start order, kill -9 and restarts, SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import socket
+from collections import Counter
+
+import pytest
+
+from tests.integration.lines import Feeder
+from tests.integration.stack import SERVICES, Stack, wait_for
+
+
+def stored(stack: Stack) -> Counter:
+    return Counter(stack.query("SELECT meter, ts_us, value FROM readings_view"))
+
+
+def assert_exactly_once(stack: Stack, feeder: Feeder, timeout: float = 60) -> None:
+    wait_for(feeder.done, timeout, "the feeder to send everything")
+    wait_for(lambda: stack.settled(feeder.lines), timeout,
+             lambda: f"{feeder.lines} lines settled: {stack.describe()}")
+    assert stored(stack) == Counter(feeder.expected)
+    assert stack.count("rejected") == feeder.invalid
+
+
+def power_rows(stack: Stack) -> int:
+    return stack.count("power")
+
+
+def test_slow_storage_under_burst_loses_nothing(stack):
+    storage = stack.procs["storage"]
+    storage.send_signal(signal.SIGSTOP)  # storage stalls: the burst must wait, not vanish
+    try:
+        feeder = Feeder(stack.port, connections=40, pause_s=0).start()
+        wait_for(feeder.done, 60, "the burst to be accepted")
+        wait_for(lambda: stack.stats()["ingest"]["gauges"].get("unacked_lines", 0) > 0, 10,
+                 "ingest holding unacked lines while storage is stopped")
+    finally:
+        storage.send_signal(signal.SIGCONT)
+    assert_exactly_once(stack, feeder)
+
+
+@pytest.mark.parametrize("order", [
+    ("ingest", "plotter", "power", "storage", "broker"),  # meters before anything else
+    ("broker", "ingest", "power", "plotter", "storage"),  # storage last
+    ("storage", "power", "plotter", "ingest", "broker"),  # broker last
+])
+def test_any_start_order_loses_nothing(tmp_path, order):
+    stack = Stack(tmp_path)
+    try:
+        stack.start(order[0])
+        feeder = None
+        for name in order[1:] + ("",):
+            if feeder is None and "ingest" in stack.procs:
+                wait_for(lambda: _port_open(stack.port), 20, "ingest listening")
+                feeder = Feeder(stack.port, connections=20, pause_s=0.02).start()
+                wait_for(lambda f=feeder: f.progress() > 0.2, 20, "lines flowing")
+            if name:
+                stack.start(name)
+        stack.wait_ready()
+        assert_exactly_once(stack, feeder)
+    finally:
+        stack.close()
+
+
+def _port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("victim", ["storage", "broker", "power"])
+def test_kill_9_and_restart_mid_stream(stack, victim):
+    feeder = Feeder(stack.port, connections=120, invalid_every=7, pause_s=0.02).start()
+    wait_for(lambda: feeder.progress() > 0.3, 30, "lines flowing")
+    stack.kill(victim)
+    wait_for(lambda: feeder.progress() > 0.5, 30, "lines flowing while it is down")
+    stack.restart(victim)
+    before = power_rows(stack)
+    assert_exactly_once(stack, feeder, timeout=90)
+    # power resumes after the restart (new power points are stored)
+    wait_for(lambda: power_rows(stack) > before, 30, "power to resume")
+
+
+def test_sigterm_of_every_service_mid_stream_loses_nothing(stack):
+    feeder = Feeder(stack.port, connections=150, invalid_every=5, pause_s=0.02).start()
+    for i, name in enumerate(SERVICES):
+        wait_for(lambda i=i: feeder.progress() > 0.1 + i * 0.15, 30, "lines flowing")
+        codes = stack.stop(name)
+        assert codes[name] == 0, stack.log(name)
+        stack.restart(name)
+    assert_exactly_once(stack, feeder, timeout=90)
+
+
+def test_stats_add_up(stack):
+    feeder = Feeder(stack.port, connections=30, invalid_every=3, pause_s=0).start()
+    assert_exactly_once(stack, feeder)
+    ingest, storage = stack.counters("ingest"), stack.counters("storage")
+    assert ingest["lines_in"] == feeder.lines
+    assert storage["readings_stored"] == len(feeder.expected)
+    assert storage["lines_rejected"] == storage["rejected.out_of_range"] == feeder.invalid
+    assert ingest["lines_in"] == storage["readings_stored"] + storage["lines_rejected"]
