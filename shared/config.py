@@ -48,6 +48,8 @@ DEFAULTS: dict[str, Any] = {
         "max_buffer_mb": 256,
         "ack_timeout_s": 2.0,
         "stop_timeout_s": 10.0,
+        "journal_dir": "data/journal",
+        "journal_fsync": False,
     },
     "storage": {"path": "data/wattflow.db", "batch_max": 50},
     "power": {"max_time_diff": 0.5},
@@ -309,6 +311,7 @@ _STRINGS = {
     ("broker", "xsub_bind"),
     ("broker", "xpub_bind"),
     ("ingest", "host"),
+    ("ingest", "journal_dir"),
     ("storage", "path"),
     ("plotter", "dir"),
     ("runtime", "run_dir"),
@@ -330,6 +333,9 @@ def _check_sections(raw: dict[str, Any]) -> None:
         value = raw[section][key]
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{section}.{key}: expected a non-empty string, got {value!r}")
+    if not isinstance(raw["ingest"]["journal_fsync"], bool):
+        value = raw["ingest"]["journal_fsync"]
+        raise ConfigError(f"ingest.journal_fsync: expected true or false, got {value!r}")
     level = raw["runtime"]["log_level"].upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"runtime.log_level: expected DEBUG, INFO, WARNING or ERROR, got {level}")

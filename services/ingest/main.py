@@ -18,6 +18,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from services.ingest.journal import Journal
 from shared import parsing, topics
 from shared.config import Config
 from shared.service import Runtime
@@ -30,8 +31,9 @@ REJECT_KEEP = 200  # bytes of an over-long line kept in its rejection
 
 
 class Ingest:
-    def __init__(self, rt: Runtime):
+    def __init__(self, rt: Runtime, journal: Journal):
         self.rt = rt
+        self.journal = journal
         self.cfg = rt.cfg.ingest
         self.max_line = self.cfg["max_line"]
         self.pub = rt.publisher()
@@ -45,8 +47,20 @@ class Ingest:
         # batches sent (or waiting to be) but not yet acked by storage, by sequence number
         self.unacked: OrderedDict[int, tuple[dict, int, int]] = OrderedDict()
         self.unacked_lines = self.unacked_bytes = 0
-        self.next_send = 0  # the next sequence number to hand to the bus
         self.acks = rt.subscriber([topics.ACK])
+        next_seq, batches = journal.load()
+        self.pub.seq[topics.RAW] = next_seq
+        for seq, data in batches:  # what the last run accepted and storage never confirmed
+            lines = sum(block.count(b"\n") for block in data["data"])
+            size = sum(len(block) for block in data["data"])
+            self.unacked[seq] = (data, lines, size)
+            self.unacked_lines += lines
+            self.unacked_bytes += size
+        if batches:
+            log.info("journal: %d unacked batches (%d lines) from the last run, resending",
+                     len(batches), self.unacked_lines)
+            self.rt.counters["lines_recovered"] += self.unacked_lines
+        self.next_send = next(iter(self.unacked), next_seq)
         self.ack_timeout = self.cfg["ack_timeout_s"]
         self.resend_after = self.ack_timeout
         self.last_progress = time.monotonic()
@@ -162,6 +176,7 @@ class Ingest:
             peers, times, blocks = zip(*self.chunks, strict=True)
             seq = self.pub.take_seq(topics.RAW)
             data = {"peer": list(peers), "t_recv": np.array(times), "data": list(blocks)}
+            self.journal.append(seq, data)  # on disk before anyone can see it
             self.unacked[seq] = (data, self.pending_lines, self.pending_bytes)
             self.unacked_lines += self.pending_lines
             self.unacked_bytes += self.pending_bytes
@@ -202,6 +217,7 @@ class Ingest:
             self.rt.counters["lines_acked"] += lines
             progressed = True
         if progressed:
+            self.journal.drop_through(seq, self.pub.seq[topics.RAW])
             self.last_progress = time.monotonic()
             self.resend_after = self.ack_timeout
         if self.buffered() < self.cap_bytes // 2:
@@ -271,8 +287,8 @@ class Ingest:
             self.rt.counters["lines_unconfirmed_at_stop"] += lines
 
 
-async def serve(rt: Runtime) -> None:
-    ingest = Ingest(rt)
+async def serve(rt: Runtime, journal: Journal) -> None:
+    ingest = Ingest(rt, journal)
     cfg = rt.cfg.ingest
     server = await asyncio.start_server(
         ingest.handle, cfg["host"], cfg["port"], limit=READ_SIZE, reuse_address=True, backlog=1024
@@ -295,10 +311,11 @@ async def serve(rt: Runtime) -> None:
 
 
 def run(cfg: Config) -> int:
-    rt = Runtime("ingest", cfg)
+    journal = Journal(cfg.ingest["journal_dir"], cfg.ingest["journal_fsync"])
+    rt = Runtime("ingest", cfg, instance=journal.id)
     rt.install_signals()
     try:
-        asyncio.run(serve(rt))
+        asyncio.run(serve(rt, journal))
     finally:
         rt.close()
     return 0

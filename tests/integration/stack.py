@@ -55,7 +55,8 @@ class Stack:
         self.config: dict[str, Any] = {
             "bus": {"publish": f"ipc://{bus}/xsub", "subscribe": f"ipc://{bus}/xpub"},
             "broker": {"xsub_bind": f"ipc://{bus}/xsub", "xpub_bind": f"ipc://{bus}/xpub"},
-            "ingest": {"host": "127.0.0.1", "port": self.port},
+            "ingest": {"host": "127.0.0.1", "port": self.port,
+                       "journal_dir": str(tmp / "data" / "journal")},
             "storage": {"path": str(tmp / "data" / "wattflow.db")},
             "plotter": {"dir": str(tmp / "plots"), "interval_s": 0.5},
             "runtime": {"run_dir": str(tmp / "run"), "stats_interval_s": 0.25},

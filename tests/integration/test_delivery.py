@@ -85,6 +85,28 @@ def test_kill_9_and_restart_mid_stream(stack, victim):
     wait_for(lambda: power_rows(stack) > before, 30, "power to resume")
 
 
+def test_kill_9_of_ingest_loses_nothing_it_accepted(stack):
+    storage = stack.procs["storage"]
+    storage.send_signal(signal.SIGSTOP)  # nothing gets acked: all of it is in ingest's journal
+    try:
+        feeder = Feeder(stack.port, connections=30, invalid_every=4, pause_s=0).start()
+        wait_for(feeder.done, 30, "the feeder to send everything")
+
+        def all_journaled() -> bool:
+            ingest = stack.stats()["ingest"]
+            return (ingest["counters"].get("lines_in") == feeder.lines
+                    and ingest["gauges"].get("pending_lines") == 0)
+
+        wait_for(all_journaled, 20, "ingest to have accepted and batched every line")
+        stack.kill("ingest")
+    finally:
+        storage.send_signal(signal.SIGCONT)
+    assert list((stack.tmp / "data" / "journal").glob("*.batch"))
+    stack.restart("ingest")
+    assert_exactly_once(stack, feeder)
+    assert not list((stack.tmp / "data" / "journal").glob("*.batch"))  # acked, so deleted
+
+
 def test_sigterm_of_every_service_mid_stream_loses_nothing(stack):
     feeder = Feeder(stack.port, connections=150, invalid_every=5, pause_s=0.02).start()
     for i, name in enumerate(SERVICES):
