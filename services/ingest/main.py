@@ -52,6 +52,7 @@ class Ingest:
         self.pub.seq[topics.RAW] = next_seq
         for seq, data in batches:  # what the last run accepted and storage never confirmed
             lines = sum(block.count(b"\n") for block in data["data"])
+            lines += len(data.get("too_long", {}).get("line", ()))
             size = sum(len(block) for block in data["data"])
             self.unacked[seq] = (data, lines, size)
             self.unacked_lines += lines
@@ -67,7 +68,7 @@ class Ingest:
         self.connections = 0
         self.idle = asyncio.Event()  # set while no connection is open
         self.idle.set()
-        self.rejects: list[tuple[bytes, str, str, str, float]] = []
+        self.rejects: list[tuple[bytes, str, str, float]] = []  # over-long lines
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = "{}:{}".format(*writer.get_extra_info("peername")[:2])
@@ -160,28 +161,29 @@ class Ingest:
     def _reject_long(self, peer: str, now: float, line: bytes, partial: bool) -> None:
         size = f"over {len(line)}" if partial else f"{len(line)}"
         message = f"line of {size} bytes is longer than ingest.max_line ({self.max_line})"
-        self.rejects.append((line[:REJECT_KEEP], parsing.TOO_LONG, message, peer, now))
+        self.rejects.append((line[:REJECT_KEEP], message, peer, now))
+        self.pending_lines += 1
         self.rt.counters["lines_in"] += 1
         self.rt.counters[f"rejected.{parsing.TOO_LONG}"] += 1
 
     def flush(self) -> None:
         """Turn what waits into a numbered batch and hand batches to the bus."""
-        if self.rejects:
-            lines, reasons, texts, peers, times = zip(*self.rejects, strict=True)
-            data = {"line": list(lines), "reason": list(reasons), "message": list(texts),
-                    "peer": list(peers), "t_recv": np.array(times)}
-            if self.pub.send(topics.REJECTED, data, block=False):
-                self.rejects.clear()
-        if self.chunks:
-            peers, times, blocks = zip(*self.chunks, strict=True)
+        if self.chunks or self.rejects:
             seq = self.pub.take_seq(topics.RAW)
-            data = {"peer": list(peers), "t_recv": np.array(times), "data": list(blocks)}
+            peers, times, blocks = zip(*self.chunks, strict=True) if self.chunks else ((),) * 3
+            data = {"peer": list(peers), "t_recv": np.array(times, dtype=np.float64),
+                    "data": list(blocks)}
+            if self.rejects:  # over-long lines travel with the batch: stored, acked, journaled
+                line, message, peer, t_recv = zip(*self.rejects, strict=True)
+                data["too_long"] = {"line": list(line), "message": list(message),
+                                    "peer": list(peer), "t_recv": list(t_recv)}
             self.journal.append(seq, data)  # on disk before anyone can see it
             self.unacked[seq] = (data, self.pending_lines, self.pending_bytes)
             self.unacked_lines += self.pending_lines
             self.unacked_bytes += self.pending_bytes
             self.rt.counters["batches"] += 1
             self.chunks.clear()
+            self.rejects.clear()
             self.pending_lines = self.pending_bytes = 0
         self.pump()
 

@@ -49,6 +49,12 @@ class Storage:
                 continue
             applied[msg.src] = msg.seq
             cols = msg.data
+            too_long = cols.get("too_long")
+            if too_long:  # ingest decided these; they are stored and published like the rest
+                rejected.extend(
+                    (t, peer, parsing.TOO_LONG, message, ln) for ln, message, peer, t in
+                    zip(too_long["line"], too_long["message"], too_long["peer"],
+                        too_long["t_recv"], strict=True))
             for peer, t_recv, block in zip(cols["peer"], cols["t_recv"].tolist(), cols["data"],
                                            strict=True):
                 parsed = parsing.parse_block(block, self.table)
