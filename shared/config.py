@@ -51,7 +51,7 @@ DEFAULTS: dict[str, Any] = {
         "journal_dir": "data/journal",
         "journal_fsync": False,
     },
-    "storage": {"path": "data/wattflow.db", "batch_max": 50},
+    "storage": {"path": "data/wattflow.db", "batch_max": 10},
     "power": {"max_time_diff": 0.5},
     "plotter": {"dir": "plots", "window_s": 300, "interval_s": 1.0, "max_points": 3000},
     "runtime": {"run_dir": "/tmp/wattflow", "log_level": "INFO", "stats_interval_s": 1.0},

@@ -178,6 +178,8 @@ class Ingest:
                 data["too_long"] = {"line": list(line), "message": list(message),
                                     "peer": list(peer), "t_recv": list(t_recv)}
             self.journal.append(seq, data)  # on disk before anyone can see it
+            if not self.unacked:  # the ack clock starts with the first batch out
+                self.last_progress = time.monotonic()
             self.unacked[seq] = (data, self.pending_lines, self.pending_bytes)
             self.unacked_lines += self.pending_lines
             self.unacked_bytes += self.pending_bytes
