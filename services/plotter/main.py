@@ -134,6 +134,12 @@ def run(cfg: Config) -> int:
     pc = cfg.plotter
     window = Window(pc["window_s"])
     renderer = Renderer(pc["dir"], pc["max_points"])
+    if not os.access(renderer.out, os.W_OK):
+        log.error("cannot write charts to %s as uid %d: give that folder to this user (in "
+                  "compose: WATTFLOW_UID/WATTFLOW_GID, or chown 10001 the plots folder)",
+                  renderer.out.resolve(), os.getuid())
+        rt.close()
+        return 1
     sub = rt.subscriber([topics.POWER])
     log.info("plotter up: %s/power.png every %ss, window %ss", pc["dir"], pc["interval_s"],
              pc["window_s"])

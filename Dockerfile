@@ -1,0 +1,39 @@
+# One image for every wattflow service: the command picks the service
+# (`wattflow broker`, `wattflow ingest`, ...). Built from the repo root so shared/ is copied in.
+#
+#   docker build -t wattflow .                                   # normal machine: python:3.11-slim, PyPI
+#   docker build -t wattflow --build-arg BASE_IMAGE=wattflow-base:bookworm \
+#     --build-arg PIP_INSTALL_ARGS="--no-index --find-links /wheels" .   # no registry: local base, host wheels
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
+
+ARG PIP_INSTALL_ARGS=""
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    HOME=/tmp \
+    MPLCONFIGDIR=/tmp/matplotlib \
+    WATTFLOW_CONFIG=/etc/wattflow/config.yaml \
+    WATTFLOW_RUNTIME_RUN_DIR=/tmp/wattflow
+
+# Dependencies first (their layer survives code changes); the list comes from pyproject.toml.
+RUN python3 -m venv /opt/venv
+COPY pyproject.toml /src/pyproject.toml
+COPY wheels/ /wheels/
+RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+ && pip install --no-cache-dir ${PIP_INSTALL_ARGS} -r /tmp/requirements.txt
+
+COPY README.md /src/README.md
+COPY shared/ /src/shared/
+COPY services/ /src/services/
+RUN pip install --no-cache-dir --no-deps ${PIP_INSTALL_ARGS} /src \
+ && rm -rf /wheels /src \
+ && mkdir -p /data /plots /etc/wattflow \
+ && chown 10001:10001 /data /plots
+COPY config.yaml /etc/wattflow/config.yaml
+
+USER 10001:10001
+WORKDIR /data
+EXPOSE 44444 5550 5551
+CMD ["wattflow", "--help"]
