@@ -238,7 +238,8 @@ def parse_meter_file(path: Path) -> list[Meter]:
             raise ConfigError(
                 f"meters_file {path}:{lineno}: expected ip, start, stop, unit separated by tabs"
             )
-        meters.append(_meter(*(p.strip() for p in parts), key=f"meters_file {path}:{lineno}"))
+        ip, start, stop, unit = (p.strip() for p in parts)
+        meters.append(_meter(ip, unit, start, stop, key=f"meters_file {path}:{lineno}"))
     if not meters:
         raise ConfigError(f"meters_file {path}: no meters in the file")
     _no_duplicates(meters)
