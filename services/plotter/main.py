@@ -1,9 +1,13 @@
 """plotter: a rolling window of ``power`` per circuit, drawn to PNG once per interval.
 
-One figure, ``<dir>/power.png``: power per circuit and in total (top), voltage (middle),
-current per circuit (bottom). Files are written beside the target and renamed over it, so a
-viewer never reads half a file. Drawing happens at most once per interval whatever the input
-rate, and each line is thinned to ``max_points``.
+One figure, ``<dir>/power.png``: power per circuit and in total (top), voltage per voltage
+meter (middle), current per circuit (bottom). Files are written beside the target and renamed
+over it, so a viewer never reads half a file.
+
+A frame's cost is bounded whatever the input rate or the number of circuits: at most
+``MAX_LINES`` circuits are drawn one by one (those with the most power now; the total covers
+all), each thinned so a panel holds about ``max_points`` points; and the window itself keeps at
+most ``4 x max_points`` points per circuit, thinning evenly when it grows past that.
 """
 
 from __future__ import annotations
@@ -22,11 +26,17 @@ from shared.service import Runtime
 log = logging.getLogger("plotter")
 
 
-class Window:
-    """Per-circuit columns (ts_us, watts, volts, amps), trimmed to the last ``window_s``."""
+MAX_LINES = 10  # circuits drawn individually
 
-    def __init__(self, window_s: float):
+
+class Window:
+    """Per-circuit columns (ts_us, watts, volts, amps, v_meter), trimmed to the last
+    ``window_s`` and to ``keep`` points per circuit."""
+
+    def __init__(self, window_s: float, keep: int = 12_000):
         self.window_us = int(window_s * 1_000_000)
+        self.keep = keep
+        self.v_meter: dict[str, str] = {}
         self.data: dict[str, list[np.ndarray]] = {}
         self.pending: dict[str, list[tuple[np.ndarray, ...]]] = {}
 
@@ -34,6 +44,8 @@ class Window:
         circuits = cols["circuit"]
         for name in np.unique(circuits).tolist():
             sel = circuits == name
+            if "v_meter" in cols:
+                self.v_meter[name.decode()] = cols["v_meter"][sel][0].decode()
             self.pending.setdefault(name.decode(), []).append(
                 tuple(cols[k][sel] for k in ("ts_us", "watts", "volts", "amps")))
 
@@ -44,6 +56,8 @@ class Window:
             merged = [np.concatenate(([old[i]] if old else []) + [p[i] for p in parts])
                       for i in range(4)]
             order = np.argsort(merged[0], kind="stable")
+            if len(order) > self.keep:  # bound memory: thin evenly, keep the newest point
+                order = order[np.linspace(0, len(order) - 1, self.keep // 2).astype(np.int64)]
             self.data[name] = [col[order] for col in merged]
         self.pending.clear()
         if self.data:
@@ -88,22 +102,33 @@ class Renderer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.max_points = max_points
 
-    def render(self, series: dict[str, list[np.ndarray]]) -> Path:
+    def render(self, series: dict[str, list[np.ndarray]],
+               v_meters: dict[str, str] | None = None) -> Path:
         plt = self.plt
         fig, (ax_p, ax_v, ax_i) = plt.subplots(3, 1, figsize=(11, 8.5), sharex=True,
                                                gridspec_kw={"height_ratios": [2, 1, 1]})
-        span = max((d[0][-1] - d[0][0] for d in series.values() if len(d[0])), default=0)
+        series = {k: v for k, v in series.items() if len(v[0])}
+        span = max((d[0][-1] - d[0][0] for d in series.values()), default=0)
         step = max(int(span / 600), 100_000)
-        for name, (ts, watts, volts, amps) in sorted(series.items()):
-            t, w, v, a = thin(ts, watts, volts, amps, max_points=self.max_points)
+        shown = sorted(series, key=lambda k: -float(series[k][1][-1]))[:MAX_LINES]
+        per_line = max(200, self.max_points // max(1, len(shown)))
+        voltage_drawn: set[str] = set()
+        for name in sorted(shown):
+            t, w, v, a = thin(*series[name], max_points=per_line)
             when = _mpl_dates(t)
             ax_p.plot(when, w, lw=1, label=f"circuit {name}")
-            ax_v.plot(when, v, lw=1, label=f"circuit {name}")
             ax_i.plot(when, a, lw=1, label=f"circuit {name}")
+            v_meter = (v_meters or {}).get(name, name)
+            if v_meter not in voltage_drawn:  # circuits sharing a V meter share its line
+                voltage_drawn.add(v_meter)
+                ax_v.plot(when, v, lw=1, label=f"meter {v_meter}")
         if len(series) > 1:
             grid, total = total_power(series, step)
             ax_p.plot(_mpl_dates(grid), total, lw=1.6, color="black", label="total")
-        ax_p.set_title("wattflow: power per circuit and total")
+        title = "wattflow: power per circuit and total"
+        if len(series) > len(shown):
+            title += f" ({len(shown)} of {len(series)} circuits drawn; total covers all)"
+        ax_p.set_title(title)
         ax_p.set_ylabel("power, W")
         ax_v.set_ylabel("voltage, V")
         ax_i.set_ylabel("current, A")
@@ -111,7 +136,8 @@ class Renderer:
         for ax in (ax_p, ax_v, ax_i):
             ax.grid(True, alpha=0.3)
         if series:
-            ax_p.legend(loc="upper left", fontsize="small", ncol=3)
+            ax_p.legend(loc="upper left", fontsize="small", ncol=4)
+            ax_v.legend(loc="upper left", fontsize="small", ncol=4)
         locator = self.mdates.AutoDateLocator()
         ax_i.xaxis.set_major_locator(locator)
         ax_i.xaxis.set_major_formatter(self.mdates.ConciseDateFormatter(locator))
@@ -129,10 +155,12 @@ def _mpl_dates(ts_us: np.ndarray) -> np.ndarray:
 
 
 def run(cfg: Config) -> int:
+    # Drawing is the one heavy job that can wait: yield the CPU to the data path under load.
+    os.nice(10)
     rt = Runtime("plotter", cfg)
     rt.install_signals()
     pc = cfg.plotter
-    window = Window(pc["window_s"])
+    window = Window(pc["window_s"], keep=4 * pc["max_points"])
     renderer = Renderer(pc["dir"], pc["max_points"])
     if not os.access(renderer.out, os.W_OK):
         log.error("cannot write charts to %s as uid %d: give that folder to this user (in "
@@ -153,13 +181,13 @@ def run(cfg: Config) -> int:
             now = time.monotonic()
             if changed and now >= next_draw:
                 started = time.perf_counter()
-                renderer.render(window.series())
+                renderer.render(window.series(), window.v_meter)
                 rt.counters["frames"] += 1
                 rt.gauges["last_frame_ms"] = round((time.perf_counter() - started) * 1000, 1)
                 changed, next_draw = False, now + pc["interval_s"]
             rt.tick()
         if changed:
-            renderer.render(window.series())
+            renderer.render(window.series(), window.v_meter)
     finally:
         rt.close()
     log.info("plotter stopped after %d frames", rt.counters["frames"])
