@@ -100,7 +100,7 @@ got=$(wait_count "SELECT count(*) FROM readings" "$sent" 90)
 say "PASS: all $sent readings are in the database in the volume"
 
 power=$(wait_count "SELECT count(*) FROM power" 1 60)
-watts=$(db "SELECT round(watts, 6) FROM power WHERE circuit = '10.0.0.4' LIMIT 1")
+watts=$(db "SELECT round(watts, 6) FROM power_view WHERE circuit = '10.0.0.4' LIMIT 1")
 [ "$watts" = "165.0" ] || fail "power for circuit 10.0.0.4 should be 55 V x 3 A = 165 W, got $watts"
 say "PASS: $power power points stored (55 V x 3 A = $watts W)"
 tapped=$(dc exec -T storage timeout 30 wattflow tap power --count 1 --timeout 25 2>/dev/null & send 1 600 100000 0.01 >/dev/null; wait) || true

@@ -69,6 +69,8 @@ class Parsed:
     ts_us: np.ndarray  # int64 microseconds
     value: np.ndarray  # float64
     rejects: list[tuple[bytes, Reject]] = field(default_factory=list)
+    line: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # of each reading
+    reject_lines: list[int] = field(default_factory=list)  # line number of each reject
 
     @property
     def count(self) -> int:
@@ -244,24 +246,29 @@ def parse_block(block: bytes, table: MeterTable) -> Parsed:
     good_meter = meter[ok].astype(np.int32)
     good_ts = ts_us[ok]
     good_value = value[ok]
+    good_line = cand[ok]
     rejects: list[tuple[bytes, Reject]] = []
+    reject_lines: list[int] = []
     slow_idx = np.flatnonzero(slow)
     if len(slow_idx):
-        extra_m, extra_t, extra_v = [], [], []
+        extra_m, extra_t, extra_v, extra_l = [], [], [], []
         for i in slow_idx.tolist():
             line = block[starts[i] : nl[i]]
             result = parse_line(line, table)
             if isinstance(result, Reject):
                 rejects.append((line.rstrip(b"\r"), result))
+                reject_lines.append(i)
             else:
                 extra_m.append(result[0])
                 extra_t.append(result[1])
                 extra_v.append(result[2])
+                extra_l.append(i)
         if extra_m:
             good_meter = np.concatenate([good_meter, np.array(extra_m, np.int32)])
             good_ts = np.concatenate([good_ts, np.array(extra_t, np.int64)])
             good_value = np.concatenate([good_value, np.array(extra_v, np.float64)])
-    return Parsed(good_meter, good_ts, good_value, rejects)
+            good_line = np.concatenate([good_line, np.array(extra_l, np.int64)])
+    return Parsed(good_meter, good_ts, good_value, rejects, good_line, reject_lines)
 
 
 def _gather(a: np.ndarray, start: np.ndarray, length: np.ndarray, width: int) -> np.ndarray:

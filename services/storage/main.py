@@ -55,23 +55,36 @@ class Storage:
                     (t, peer, parsing.TOO_LONG, message, ln) for ln, message, peer, t in
                     zip(too_long["line"], too_long["message"], too_long["peer"],
                         too_long["t_recv"], strict=True))
-            for peer, t_recv, block in zip(cols["peer"], cols["t_recv"].tolist(), cols["data"],
-                                           strict=True):
-                parsed = parsing.parse_block(block, self.table)
-                metres.append(parsed.meter)
-                stamps.append(parsed.ts_us)
-                values.append(parsed.value)
-                recv_times.append(np.full(parsed.count, t_recv))
-                rejected.extend((t_recv, peer, r.reason, r.message, line)
-                                for line, r in parsed.rejects)
+            if not cols["data"]:
+                continue
+            # one parse per message: the chunks (each from one connection) joined
+            blocks = cols["data"]
+            chunk_of_line = np.repeat(np.arange(len(blocks)),
+                                      [block.count(b"\n") for block in blocks])
+            parsed = parsing.parse_block(b"".join(blocks), self.table)
+            t_recv = cols["t_recv"]
+            metres.append(parsed.meter)
+            stamps.append(parsed.ts_us)
+            values.append(parsed.value)
+            recv_times.append(t_recv[chunk_of_line[parsed.line]])
+            for (line, r), i in zip(parsed.rejects, parsed.reject_lines, strict=True):
+                chunk = chunk_of_line[i]
+                rejected.append((float(t_recv[chunk]), cols["peer"][chunk], r.reason,
+                                 r.message, line))
         readings = None
         if metres:
             readings = (np.concatenate(metres), np.concatenate(stamps), np.concatenate(values))
+        # Readings go out before the commit: power need not wait for the disk. Should this
+        # process die before committing, ingest resends the batch and power, which keeps the
+        # latest reading per meter by measurement time, ignores what it has seen.
+        self.publish(readings, recv_times, rejected)
         self.db.write(readings, power, rejected, applied)
         self.applied.update(applied)
         self._count(readings, power, rejected)
         if seen:
             self.ack(seen)
+
+    def publish(self, readings, recv_times, rejected) -> None:
         if readings is not None and len(readings[0]):
             meter_idx, ts_us, value = readings
             self.pub.send(topics.READING, {

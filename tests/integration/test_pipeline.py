@@ -131,7 +131,8 @@ def test_power_pairs_within_max_time_diff_only(stack):
     wait_for(lambda: stack.settled(len(parts)), 20, "lines settled")
     wait_for(lambda: stack.count("power") >= len(expected), 20,
              f"{len(expected)} power rows (have {stack.count('power')})")
-    rows = stack.query("SELECT circuit, ts_us, volts, amps, watts, v_meter, a_meter FROM power")
+    rows = stack.query("SELECT circuit, ts_us, volts, amps, watts, v_meter, a_meter"
+                       " FROM power_view")
     assert len(rows) == len(expected)
     assert {(c, ts, v, a) for c, ts, v, a, _, _, _ in rows} == expected
     for circuit, _, volts, amps, watts, v_meter, a_meter in rows:
@@ -150,7 +151,7 @@ def test_original_demo_lines_store_all_and_power_for_every_current_meter(stack):
     stack.send(demo)
     wait_for(lambda: stack.count("power") == 4, 20, "4 power rows")
     assert stack.count("readings") == 5
-    rows = dict(stack.query("SELECT circuit, watts FROM power"))
+    rows = dict(stack.query("SELECT circuit, watts FROM power_view"))
     assert rows == pytest.approx({"10.0.0.2": 25.125, "10.0.0.3": 75.375, "10.0.0.4": 251.25,
                                   "10.0.0.5": 753.75})
 

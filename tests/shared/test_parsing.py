@@ -185,6 +185,12 @@ def test_parse_block_agrees_with_parse_line_on_random_lines():
         assert fast_good == good
         assert Counter((line, r.reason) for line, r in got.rejects) == bad
         assert sum(good.values()) > 50 and sum(bad.values()) > 50  # both paths exercised
+        # every row and every reject knows the line it came from
+        for m, ts, v, i in zip(got.meter.tolist(), got.ts_us.tolist(), got.value.tolist(),
+                               got.line.tolist(), strict=True):
+            assert parse_line(lines[i], TABLE) == (m, ts, v)
+        for (line, _), i in zip(got.rejects, got.reject_lines, strict=True):
+            assert lines[i].rstrip(b"\r") == line
 
 
 def test_parse_block_empty_and_missing_final_newline():
