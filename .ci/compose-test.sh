@@ -29,7 +29,7 @@ bash .ci/docker-setup.sh || fail "no Docker engine (see above)"
 
 say "building wheels on the host (no index is reachable from inside a build)"
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip wheel --quiet --wheel-dir wheels "setuptools>=68" wheel \
+.venv/bin/python -m pip wheel --quiet --wheel-dir wheels "setuptools>=77" wheel \
   $(.venv/bin/python -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml','rb'))['project']['dependencies']))") \
   || fail "pip wheel failed"
 

@@ -132,6 +132,16 @@ class Database:
         ids = self.circuit_ids
         return [ids[k] for k in keys]
 
+    def totals(self) -> dict[str, int]:
+        """Rows in the database now, by table, and rejections by reason (read once at start)."""
+        one = self.conn.execute
+        totals = {"readings": one("SELECT count(*) FROM readings").fetchone()[0],
+                  "power": one("SELECT count(*) FROM power").fetchone()[0],
+                  "rejected": one("SELECT count(*) FROM rejected").fetchone()[0]}
+        for reason, n in one("SELECT reason, count(*) FROM rejected GROUP BY reason"):
+            totals[f"rejected.{reason}"] = n
+        return totals
+
     def applied(self) -> dict[str, int]:
         return dict(self.conn.execute("SELECT source, seq FROM applied"))
 

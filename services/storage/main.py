@@ -26,7 +26,9 @@ class Storage:
         self.pub = rt.publisher()
         self.batch_max = rt.cfg.storage["batch_max"]
         self.applied = self.db.applied()  # ingest run -> last raw batch in the database
-        self.next_ack = 0.0
+        # what the database holds in all (counters restart with the process; these do not)
+        self.totals = self.db.totals()
+        rt.gauges["db"] = self.totals
 
     def step(self, timeout_ms: int) -> int:
         msgs = self.sub.recv_batch(timeout_ms, self.batch_max)
@@ -128,6 +130,13 @@ class Storage:
         for r in rejected:
             c[f"rejected.{r[2]}"] += 1
         c["transactions"] += 1
+        t = self.totals
+        if readings is not None:
+            t["readings"] += len(readings[0])
+        t["power"] += sum(len(p["ts_us"]) for p in power)
+        for r in rejected:
+            t["rejected"] += 1
+            t[f"rejected.{r[2]}"] = t.get(f"rejected.{r[2]}", 0) + 1
 
 
 def run(cfg: Config) -> int:

@@ -29,7 +29,7 @@ class Feeder:
     refused, so every line sent is a line ingest accepted."""
 
     def __init__(self, port: int, connections: int, ticks_per_conn: int = 100,
-                 invalid_every: int = 0, pause_s: float = 0.01):
+                 invalid_every: int = 0, pause_s: float = 0.01, concurrent: bool = False):
         import threading
 
         self.port = port
@@ -55,6 +55,7 @@ class Feeder:
         self.sent_conns = 0
         self.pause_s = pause_s
         self.error: BaseException | None = None
+        self.concurrent = concurrent
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def start(self) -> Feeder:
@@ -65,6 +66,21 @@ class Feeder:
         import socket
         import time
 
+        if self.concurrent:  # all connections at once, each in its own thread
+            import threading
+
+            subs = [Feeder.__new__(Feeder) for _ in self.payloads]
+            for sub, payload in zip(subs, self.payloads, strict=True):
+                sub.__dict__.update(self.__dict__, payloads=[payload], concurrent=False,
+                                    sent_conns=0, error=None)
+            threads = [threading.Thread(target=sub._run) for sub in subs]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            self.sent_conns = sum(sub.sent_conns for sub in subs)
+            self.error = next((sub.error for sub in subs if sub.error), None)
+            return
         try:
             for payload in self.payloads:
                 deadline = time.monotonic() + 60

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
+import subprocess
 from collections import Counter
 
 import pytest
@@ -125,3 +127,29 @@ def test_stats_add_up(stack):
     assert storage["readings_stored"] == len(feeder.expected)
     assert storage["lines_rejected"] == storage["rejected.out_of_range"] == feeder.invalid
     assert ingest["lines_in"] == storage["readings_stored"] + storage["lines_rejected"]
+
+
+def test_million_lines_with_storage_killed_twice_and_broker_once(stack):
+    """The issue's own check: 1,000,000 lines, a tenth invalid, from 10 connections at once,
+    while storage is killed with kill -9 twice and the broker once; afterwards the database
+    holds every valid line exactly once, every invalid one with its reason, and
+    `wattflow status` agrees."""
+    feeder = Feeder(stack.port, connections=10, ticks_per_conn=20_000, invalid_every=2,
+                    pause_s=0, concurrent=True)
+    assert feeder.lines == 1_000_000 and feeder.invalid == 100_000
+    feeder.start()
+    for victim, after in (("storage", 100_000), ("broker", 300_000), ("storage", 500_000)):
+        wait_for(lambda after=after: stack.count("readings") >= after, 120,
+                 f"{after} readings stored")
+        stack.kill(victim)
+        stack.restart(victim)
+    assert_exactly_once(stack, feeder, timeout=300)
+    reasons = dict(stack.query("SELECT reason, count(*) FROM rejected GROUP BY reason"))
+    assert reasons == {"out_of_range": 100_000}
+    out = subprocess.run(stack.wattflow("status", "--json"), capture_output=True, env=stack.env,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    services = json.loads(out.stdout)["services"].values()
+    db = next(s["gauges"]["db"] for s in services if s["service"] == "storage")
+    assert db["readings"] == 900_000
+    assert db["rejected"] == db["rejected.out_of_range"] == 100_000
