@@ -56,7 +56,8 @@ wait_healthy() {
   done
 }
 wait_healthy
-say "all five services healthy ($(( $(date +%s) - started )) s so far)"
+say "all five services healthy ($(( $(date +%s) - started )) s so far):"
+dc ps
 
 db() {  # run SQL against the database in the volume, inside the storage container
   dc exec -T storage python -c "import sqlite3,sys; c=sqlite3.connect('file:/data/wattflow.db?mode=ro', uri=True); print(c.execute(sys.argv[1]).fetchone()[0])" "$1"
