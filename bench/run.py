@@ -180,6 +180,7 @@ def throughput(stack: Stack, conns: int, ticks: int) -> dict:
     cpu = {n: round(proc_usage(p.pid)[0] - before[n], 2) for n, p in stack.procs.items()}
     return {"lines": lines, "connections": conns, "seconds": round(elapsed, 3),
             "readings_per_s": round(lines / elapsed), "readings_in_db": readings,
+            "db_rows_per_s": round((readings + power) / elapsed),
             "power_expected": power_expected, "power_in_db": power,
             "accept_seconds": round(sent["t_all_sent"] - sent["t_first_byte"], 3),
             "cpu_seconds": cpu}
@@ -258,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         "vs_tcp": round(e2e / ref["tcp_lines_per_s"], 3),
         "vs_parse_block": round(e2e / ref["parse_block_lines_per_s"], 3),
         "vs_executemany": round(e2e / ref["executemany_rows_per_s"], 3),
+        "db_rows_vs_executemany": round(report["throughput"]["db_rows_per_s"]
+                                        / ref["executemany_rows_per_s"], 3),
         "vs_original_40k": round(e2e / 40_000, 2),
     }
     print_report(report)
@@ -296,6 +299,8 @@ def print_report(r: dict) -> None:
         print(f"  {label:<36} {ref[key]:>12,} {rr}")
     print(f"  {'original program (its README)':<36} {40_000:>12,} "
           f"{r['ratios']['vs_original_40k']:>8.2f}")
+    print(f"  rows written by storage (readings + power): {tp['db_rows_per_s']:,}/s = "
+          f"{r['ratios']['db_rows_vs_executemany']:.3f} of bare executemany")
     print("\nper service:        CPU s (whole run)   peak RSS MB   CPU s (throughput phase)")
     for name in SERVICES:
         s = r["services"][name]
