@@ -1,11 +1,12 @@
 """ingest: accept meters' TCP connections, frame lines, publish them in batches on ``raw``.
 
-Per chunk received (not per line): split off the unfinished last line, drop over-long lines
-with a reason, append the rest to the pending batch. A batch goes out when it holds
-``batch_lines`` lines or ``flush_ms`` after its first chunk. While nobody is subscribed to
-``raw`` yet, or the bus refuses more (its high-water mark), the batch waits; once what waits
-passes a cap, connections stop being read, so meters feel TCP backpressure instead of losing
-lines.
+Per chunk received (not per line): split off the unfinished last line, cut over-long lines
+(they travel in the batch as rejections), append the rest to the pending batch. A batch is
+made when it holds ``batch_lines`` lines or every ``flush_ms``; it is numbered, written to the
+journal, sent, and kept until storage acks it (resent when acks stop coming). While nobody
+listens on ``raw`` or the bus is full, batches wait; once what ingest holds passes
+``max_buffer_mb``, connections stop being read, so meters feel TCP backpressure instead of
+losing lines.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ class Ingest:
         self.chunks: list[tuple[str, float, bytes]] = []
         self.pending_lines = 0
         self.pending_bytes = 0
-        self.batch_started = 0.0
         self.cap_bytes = int(self.cfg["max_buffer_mb"] * (1 << 20))
         self.room = asyncio.Event()  # cleared while the buffer is full: stop reading sockets
         self.room.set()
@@ -132,8 +132,6 @@ class Ingest:
         lines = block.count(b"\n")
         if not lines:
             return
-        if not self.chunks:
-            self.batch_started = now
         self.chunks.append((peer, now, block))
         self.pending_lines += lines
         self.pending_bytes += len(block)

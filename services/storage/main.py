@@ -1,5 +1,10 @@
 """storage: validate ``raw`` lines, persist good readings and ``power``, publish ``reading`` and
-``rejected``. Many bus messages go into one database transaction when they queue up."""
+``rejected``, and ``ack`` to ingest what is committed.
+
+Many bus messages go into one database transaction when they queue up. Each ingest stream is
+applied once and in order: its last applied sequence number is written in the same
+transaction as its rows, so a crash at any point leaves the database consistent with what
+was acked, and ingest resends the rest."""
 
 from __future__ import annotations
 
