@@ -138,7 +138,3 @@ class Subscriber:
     def close(self) -> None:
         self.sock.close()
 
-
-def connect_endpoint(bind: str) -> str:
-    """Where a local peer connects to reach a ``bind`` address (``tcp://*:5550`` -> 127.0.0.1)."""
-    return bind.replace("://*:", "://127.0.0.1:").replace("://0.0.0.0:", "://127.0.0.1:")

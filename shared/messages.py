@@ -79,13 +79,6 @@ def decode(topic: bytes, body: bytes) -> Message:
         raise MessageError(f"message on {topic!r} lacks {exc}") from exc
 
 
-def rows(columns: dict[str, Any]) -> int:
-    """Number of records in a column batch."""
-    for col in columns.values():
-        return len(col)
-    return 0
-
-
 def to_jsonable(obj: Any) -> Any:
     """Plain-JSON form of a decoded body part, for `wattflow tap`."""
     if isinstance(obj, np.ndarray):

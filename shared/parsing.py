@@ -172,14 +172,6 @@ def _parse_value(text: str, meter: Meter) -> float | Reject:
     return value
 
 
-def split_lines(block: bytes) -> list[bytes]:
-    """Lines of a block (``\\n``-terminated; a missing last newline is tolerated)."""
-    lines = block.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    return lines
-
-
 _EMPTY_I4 = np.empty(0, np.int32)
 _EMPTY_I8 = np.empty(0, np.int64)
 _EMPTY_F8 = np.empty(0, np.float64)
