@@ -83,10 +83,8 @@ class Runtime:
             return
         self._next_tick = now + self.cfg.runtime["stats_interval_s"]
         self.heartbeat_file.touch()
-        if self._stats_pub is None:
-            self.publisher()
-        if self._stats_pub is not None:
-            self._stats_pub.send(topics.STATS, self.stats(now), block=False)
+        stats_pub = self._stats_pub or self.publisher()  # a service that only listens reports too
+        stats_pub.send(topics.STATS, self.stats(now), block=False)
 
     def stats(self, now: float | None = None) -> dict[str, Any]:
         subs = [s for s in self._sockets if isinstance(s, Subscriber)]
