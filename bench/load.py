@@ -1,8 +1,13 @@
 """Load generator, run as its own process: ``python -m bench.load``.
 
-Each connection carries its own group of meters (one V and four A), so every A line pairs with
-the V line of its tick whatever the interleaving between connections: power points expected =
-A lines. All bytes are made before the clock starts; sending only slices them.
+Valid lines from the five default meters (one V meter, four A meters; the default circuits pair
+the V meter with each A meter). Every tick carries one reading of each meter with the same
+timestamp, so V and A of a tick are 0 s apart. Connection ``c`` of ``C`` sends ticks
+``c, c + C, c + 2C, ...`` (``STEP_US`` apart on one global clock), so the connections together
+cover one time line; which readings end up stale (older than one already held for that meter)
+depends on how the connections interleave, so the benchmark computes the power points to expect
+from the readings in the order storage wrote them. All bytes are made before the clock starts;
+sending only slices them.
 """
 
 from __future__ import annotations
@@ -16,23 +21,22 @@ import time
 from shared.parsing import format_us, to_us
 
 T0 = to_us(2025, 1, 1, 0, 0, 0, 0)
-GROUP_SIZE = 5  # one V and four A meters per connection
+STEP_US = 1_000  # between two consecutive global ticks
+# the default meters: (ip, unit, range_start, range_stop)
+METERS = (("10.0.0.1", "V", 0.0, 110.0), ("10.0.0.2", "A", 0.0, 0.5),
+          ("10.0.0.3", "A", 0.2, 1.0), ("10.0.0.4", "A", 1.0, 5.0), ("10.0.0.5", "A", 3.0, 10.0))
+GROUP_SIZE = len(METERS)  # lines per tick
 
 
-def group_meters(g: int) -> list[tuple[str, str, float, float]]:
-    """(ip, unit, range_start, range_stop) of group ``g``."""
-    return [(f"10.1.{g}.1", "V", 0.0, 300.0)] + [(f"10.1.{g}.{k}", "A", 0.0, 100.0)
-                                                for k in range(2, 2 + GROUP_SIZE - 1)]
-
-
-def make_payload(g: int, ticks: int) -> bytes:
-    meters = group_meters(g)
-    stamps = [format_us(T0 + k * 10_000).encode() for k in range(ticks)]  # 10 ms apart
+def make_payload(conn: int, conns: int, ticks: int, t0_us: int = T0) -> bytes:
+    """The lines of connection ``conn`` of ``conns``: ``ticks`` ticks of all five meters."""
     lines = []
-    for k, stamp in enumerate(stamps):
-        for i, (ip, _, _, hi) in enumerate(meters):
-            value = (k * 7 + i * 13) % int(hi) + 0.5
-            lines.append(b"%s\t%s\t%.1f\n" % (ip.encode(), stamp, value))
+    for k in range(ticks):
+        g = k * conns + conn  # global tick number
+        stamp = format_us(t0_us + g * STEP_US).encode()
+        for i, (ip, _, lo, hi) in enumerate(METERS):
+            value = lo + (hi - lo) * (((g * 7 + i * 13) % 100) / 100)
+            lines.append(b"%s\t%s\t%.3f\n" % (ip.encode(), stamp, value))
     return b"".join(lines)
 
 
@@ -103,9 +107,10 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=20)
     ap.add_argument("--ticks", type=int, required=True, help="ticks (5 lines) per connection")
     ap.add_argument("--rate", type=float, help="lines/s per connection (default: flat out)")
-    ap.add_argument("--first-group", type=int, default=0)
+    ap.add_argument("--t0-us", type=int, default=T0, help="timestamp of the first tick")
     args = ap.parse_args()
-    payloads = [make_payload(args.first_group + g, args.ticks) for g in range(args.connections)]
+    payloads = [make_payload(c, args.connections, args.ticks, args.t0_us)
+                for c in range(args.connections)]
     print(json.dumps(send(args.port, payloads, args.rate)), flush=True)
 
 
