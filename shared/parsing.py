@@ -53,6 +53,19 @@ class MeterTable:
         self.units = np.array([m.unit.encode() for m in self.meters], dtype="S1")
         self.lo = np.array([m.range_start for m in self.meters], dtype=np.float64)
         self.hi = np.array([m.range_stop for m in self.meters], dtype=np.float64)
+        # ids that fit the fast path, as IP_WIDTH bytes (zero padded) seen as 64-bit words, and
+        # a hash of those words, sorted, for a vectorised exact lookup (see _fast_meter)
+        fits = [i for i, m in enumerate(self.meters) if 0 < len(m.ip.encode()) <= IP_WIDTH]
+        words = np.zeros((len(fits), IP_WIDTH), np.uint8)
+        for row, i in enumerate(fits):
+            ip = self.meters[i].ip.encode()
+            words[row, : len(ip)] = np.frombuffer(ip, np.uint8)
+        hashes = _hash_words(words.view(np.uint64))
+        order = np.argsort(hashes, kind="stable")
+        self.words = words.view(np.uint64)[order]
+        self.hash_sorted = hashes[order]
+        self.hash_meter = np.array(fits, np.int64)[order]
+        self.hash_unique = len(np.unique(hashes)) == len(hashes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,9 +191,20 @@ _EMPTY_F8 = np.empty(0, np.float64)
 _VALUE_CHARS = np.zeros(256, dtype=bool)
 _VALUE_CHARS[list(b"0123456789.eE+-")] = True
 _VALUE_CHARS[0] = True  # padding
-_TS_DIGITS = np.array([i for i in range(TS_LEN) if i not in (4, 7, 10, 13, 16, 19)])
-_TS_SEPS = np.array([4, 7, 10, 13, 16, 19])
-_TS_SEP_CHARS = np.frombuffer(b".. ::.", dtype=np.uint8)
+_PAD = max(TS_LEN, IP_WIDTH, VALUE_WIDTH)  # zero bytes after a block, so fixed-width rows fit
+# a timestamp's bytes minus this are 0..9 at digits and 0 at separators when well formed
+_TS_TEMPLATE = np.frombuffer(b"0000.00.00 00:00:00.000000", np.uint8)
+_TS_LIMIT = np.where(_TS_TEMPLATE == ord("0"), 9, 0).astype(np.uint8)
+_EXACT_DIGITS = 15  # an integer of 15 digits is below 2**53: exact as a float64
+_POW10_INT = 10 ** np.arange(_EXACT_DIGITS + 1, dtype=np.int64)
+_POW10_F = 10.0 ** np.arange(_EXACT_DIGITS + 2)
+_HASH_MULT = (np.arange(IP_WIDTH // 8, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+              + np.uint64(0x632BE59BD9B4E019)) | np.uint64(1)
+
+
+def _hash_words(words: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        return (words * _HASH_MULT[: words.shape[1]]).sum(axis=1, dtype=np.uint64)
 
 
 def parse_block(block: bytes, table: MeterTable) -> Parsed:
@@ -189,7 +213,10 @@ def parse_block(block: bytes, table: MeterTable) -> Parsed:
         return Parsed(_EMPTY_I4, _EMPTY_I8, _EMPTY_F8)
     if not block.endswith(b"\n"):
         block += b"\n"
-    a = np.frombuffer(block, dtype=np.uint8)
+    size = len(block)
+    padded = np.zeros(size + _PAD, np.uint8)  # fixed-width rows past the end read zeros
+    padded[:size] = np.frombuffer(block, dtype=np.uint8)
+    a = padded[:size]
     nl = np.flatnonzero(a == 10)
     n = len(nl)
     starts = np.empty(n, np.int64)
@@ -204,13 +231,20 @@ def parse_block(block: bytes, table: MeterTable) -> Parsed:
     if len(high):
         slow[np.searchsorted(nl, high)] = True
     tabs = np.flatnonzero(a == 9)
-    tab_line = np.searchsorted(nl, tabs)
-    tab_count = np.bincount(tab_line, minlength=n)
-    slow |= tab_count != 2
-    first_tab = np.cumsum(tab_count) - tab_count
-    cand = np.flatnonzero(~slow)
-    t1 = tabs[first_tab[cand]]
-    t2 = tabs[first_tab[cand] + 1]
+    if (len(tabs) == 2 * n and (tabs[0::2] >= starts).all() and (tabs[1::2] < nl).all()):
+        # the usual block: two tabs on every line (each line holds the two tabs at its
+        # position, and there are no more)
+        cand = np.flatnonzero(~slow) if len(high) else np.arange(n)
+        t1 = tabs[2 * cand]
+        t2 = tabs[2 * cand + 1]
+    else:
+        tab_line = np.searchsorted(nl, tabs)
+        tab_count = np.bincount(tab_line, minlength=n)
+        slow |= tab_count != 2
+        first_tab = np.cumsum(tab_count) - tab_count
+        cand = np.flatnonzero(~slow)
+        t1 = tabs[first_tab[cand]]
+        t2 = tabs[first_tab[cand] + 1]
     ip_len = t1 - starts[cand]
     val_len = ends[cand] - t2 - 1
     shape_ok = (
@@ -220,25 +254,26 @@ def parse_block(block: bytes, table: MeterTable) -> Parsed:
         & (val_len > 0)
         & (val_len <= VALUE_WIDTH)
     )
-    slow[cand[~shape_ok]] = True
-    cand, t1, t2 = cand[shape_ok], t1[shape_ok], t2[shape_ok]
-    ip_len, val_len = ip_len[shape_ok], val_len[shape_ok]
+    if not shape_ok.all():
+        slow[cand[~shape_ok]] = True
+        cand, t1, t2 = cand[shape_ok], t1[shape_ok], t2[shape_ok]
+        ip_len, val_len = ip_len[shape_ok], val_len[shape_ok]
 
-    ok = np.ones(len(cand), dtype=bool)
-    ts_us, ts_ok = _fast_ts(a, t1 + 1)
-    ok &= ts_ok
-    meter, meter_ok = _fast_meter(a, starts[cand], ip_len, table)
+    ts_us, ok = _fast_ts(padded, t1 + 1)
+    meter, meter_ok = _fast_meter(padded, starts[cand], ip_len, table)
     ok &= meter_ok
-    value, value_ok = _fast_value(a, t2 + 1, val_len)
+    value, value_ok = _fast_value(padded, t2 + 1, val_len)
     ok &= value_ok
     midx = np.where(meter_ok, meter, 0)
     ok &= (value >= table.lo[midx]) & (value <= table.hi[midx])
-    slow[cand[~ok]] = True
-
-    good_meter = meter[ok].astype(np.int32)
-    good_ts = ts_us[ok]
-    good_value = value[ok]
-    good_line = cand[ok]
+    if ok.all():
+        good_meter, good_ts, good_value, good_line = meter.astype(np.int32), ts_us, value, cand
+    else:
+        slow[cand[~ok]] = True
+        good_meter = meter[ok].astype(np.int32)
+        good_ts = ts_us[ok]
+        good_value = value[ok]
+        good_line = cand[ok]
     rejects: list[tuple[bytes, Reject]] = []
     reject_lines: list[int] = []
     slow_idx = np.flatnonzero(slow)
@@ -263,55 +298,118 @@ def parse_block(block: bytes, table: MeterTable) -> Parsed:
     return Parsed(good_meter, good_ts, good_value, rejects, good_line, reject_lines)
 
 
-def _gather(a: np.ndarray, start: np.ndarray, length: np.ndarray, width: int) -> np.ndarray:
-    """Rows of ``width`` bytes from ``a`` at ``start``, zero past each row's ``length``."""
-    cols = np.arange(width)
-    idx = start[:, None] + cols
-    np.minimum(idx, len(a) - 1, out=idx)
-    rows = a[idx]
-    rows[cols >= length[:, None]] = 0
+def _rows(padded: np.ndarray, start: np.ndarray, width: int) -> np.ndarray:
+    """Rows of ``width`` bytes at ``start`` (a copy; ``padded`` ends in ``_PAD`` zeros)."""
+    return np.lib.stride_tricks.sliding_window_view(padded, width)[start]
+
+
+def _gather(padded: np.ndarray, start: np.ndarray, length: np.ndarray, width: int) -> np.ndarray:
+    """Rows of ``width`` bytes at ``start``, zero past each row's ``length``."""
+    rows = _rows(padded, start, width)
+    rows *= np.arange(width) < length[:, None]
     return rows
 
 
-def _fast_ts(a: np.ndarray, start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    m = a[start[:, None] + np.arange(TS_LEN)].astype(np.int64) - 48
-    digits = m[:, _TS_DIGITS]
-    ok = ((digits >= 0) & (digits <= 9)).all(axis=1)
-    ok &= (m[:, _TS_SEPS] + 48 == _TS_SEP_CHARS).all(axis=1)
+def _fast_ts(padded: np.ndarray, start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    m = _rows(padded, start, TS_LEN)
+    m -= _TS_TEMPLATE  # digits 0..9, separators 0; anything else wraps above
+    ok = (m <= _TS_LIMIT).all(axis=1)
+    m = m.astype(np.int32)
     y = m[:, 0] * 1000 + m[:, 1] * 100 + m[:, 2] * 10 + m[:, 3]
     mo = m[:, 5] * 10 + m[:, 6]
     d = m[:, 8] * 10 + m[:, 9]
     h = m[:, 11] * 10 + m[:, 12]
     mi = m[:, 14] * 10 + m[:, 15]
     s = m[:, 17] * 10 + m[:, 18]
-    frac = m[:, 20:26] @ np.array([100000, 10000, 1000, 100, 10, 1], dtype=np.int64)
+    frac = (m[:, 20] * 100000 + m[:, 21] * 10000 + m[:, 22] * 1000 + m[:, 23] * 100
+            + m[:, 24] * 10 + m[:, 25])
     ok &= (mo >= 1) & (mo <= 12) & (y >= 1970) & (h <= 23) & (mi <= 59) & (s <= 59) & (d >= 1)
     mo_safe = np.where(ok, mo, 1)
     leap = (y % 4 == 0) & ((y % 100 != 0) | (y % 400 == 0))
     dim = _DAYS_IN_MONTH[mo_safe] + ((mo_safe == 2) & leap)
     ok &= d <= dim
-    days = _days_from_civil(y, mo_safe, d)
-    return ((days * 86400 + h * 3600 + mi * 60 + s) * 1_000_000 + frac), ok
+    days = _days_from_civil(y.astype(np.int64), mo_safe, d)
+    secs = days * 86400 + (h * 3600 + mi * 60 + s)
+    return secs * 1_000_000 + frac, ok
 
 
-def _fast_meter(a, start, length, table: MeterTable) -> tuple[np.ndarray, np.ndarray]:
-    rows = _gather(a, start, length, IP_WIDTH)
-    ips = rows.view(f"S{IP_WIDTH}").ravel()
+def _fast_meter(padded, start, length, table: MeterTable) -> tuple[np.ndarray, np.ndarray]:
+    """Meter index of each id (-1 when not configured): the ids' bytes as 64-bit words are
+    hashed, looked up among the configured ids' hashes, and compared word for word."""
+    # only as many words as the longest id here needs (zero words add nothing to a hash)
+    width = -(-int(length.max(initial=1)) // 8) * 8
+    words = _gather(padded, start, length, width).view(np.uint64)
+    if not len(table.hash_sorted) or not table.hash_unique:
+        return _meter_by_unique(_widen(words), table)
+    h = _hash_words(words)
+    pos = np.minimum(np.searchsorted(table.hash_sorted, h), len(table.hash_sorted) - 1)
+    meter = table.hash_meter[pos]
+    ok = table.hash_sorted[pos] == h
+    known = table.words[pos]
+    ok &= (words == known[:, : width // 8]).all(axis=1)
+    if width < IP_WIDTH:  # a configured id longer than every id here matches none of them
+        ok &= (known[:, width // 8 :] == 0).all(axis=1)
+    return np.where(ok, meter, -1), ok
+
+
+def _widen(words: np.ndarray) -> np.ndarray:
+    wide = np.zeros((len(words), IP_WIDTH // 8), np.uint64)
+    wide[:, : words.shape[1]] = words
+    return wide
+
+
+def _meter_by_unique(words: np.ndarray, table: MeterTable) -> tuple[np.ndarray, np.ndarray]:
+    ips = np.ascontiguousarray(words).view(f"S{IP_WIDTH}").ravel()
     uniq, inverse = np.unique(ips, return_inverse=True)
     lookup = np.array([table.index_b.get(u, -1) for u in uniq.tolist()], dtype=np.int64)
     meter = lookup[inverse.ravel()] if len(uniq) else np.empty(0, np.int64)
     return meter, meter >= 0
 
 
-def _fast_value(a, start, length) -> tuple[np.ndarray, np.ndarray]:
-    rows = _gather(a, start, length, VALUE_WIDTH)
+def _fast_value(padded, start, length) -> tuple[np.ndarray, np.ndarray]:
+    width = int(length.max(initial=1))  # only as wide as the longest value here
+    if width > _EXACT_DIGITS + 1:
+        rows = _gather(padded, start, length, width)
+        ok = _VALUE_CHARS[rows].all(axis=1)
+        return _value_by_astype(rows, ok, np.flatnonzero(ok), np.zeros(len(ok)))
+    # Right-aligned rows (each value ends in the last column; a value has at least 29 bytes of
+    # its line before it, so ``start + length - width`` stays inside the block).
+    cols = np.arange(width)
+    rows = _rows(padded, start + length - width, width)
+    rows *= cols >= (width - length)[:, None]
     ok = _VALUE_CHARS[rows].all(axis=1)
-    texts = rows.view(f"S{VALUE_WIDTH}").ravel()
-    texts = np.where(ok, texts, b"0")
+    # The usual value, digits with at most one point (230.5, 7, .5, 7.): its digits as one
+    # integer of at most 15 digits over a power of ten. Both are exact in a float64, so the
+    # quotient is correctly rounded: exactly what float() gives.
+    d = rows - np.uint8(48)
+    is_digit = d < 10
+    is_point = rows == 46
+    n_digits = is_digit.sum(axis=1)
+    n_points = is_point.sum(axis=1)
+    simple = ok & (n_digits + n_points == length) & (n_points <= 1) & (n_digits > 0)
+    simple &= n_digits <= _EXACT_DIGITS
+    point = np.where(n_points > 0, is_point.argmax(axis=1), width)
+    digits = np.where(is_digit, d, 0).astype(np.int64)
+    weights = _POW10_INT[width - 1 - cols]
+    left = cols < point[:, None]
+    whole = (digits * left) @ weights  # digits before the point, one place too high
+    frac = (digits * ~left) @ weights
+    mant = np.where(n_points > 0, whole // 10 + frac, whole)
+    value = mant / _POW10_F[np.where(n_points > 0, width - 1 - point, 0)]
+    other = np.flatnonzero(ok & ~simple)
+    if len(other):  # signs, exponents, odd texts
+        value = _value_by_astype(rows, ok, other, value)[0]
+        ok &= np.isfinite(value)
+    return value, ok
+
+
+def _value_by_astype(rows, ok, which, value) -> tuple[np.ndarray, np.ndarray]:
+    texts = np.ascontiguousarray(rows[which]).view(f"S{rows.shape[1]}").ravel()
+    texts = np.char.lstrip(texts, b"\0") if len(texts) else texts  # right-aligned rows
     try:
-        value = texts.astype(np.float64)
+        value[which] = texts.astype(np.float64)
     except ValueError:  # some odd text like "1e" or "1.2.3": find them one by one
-        value = np.array([_float_or_nan(t) for t in texts.tolist()], dtype=np.float64)
+        value[which] = [_float_or_nan(t) for t in texts.tolist()]
     ok &= np.isfinite(value)
     return value, ok
 
