@@ -27,6 +27,7 @@ log = logging.getLogger("plotter")
 
 
 MAX_LINES = 10  # circuits drawn individually
+_EPOCH_DAYS = 0.0  # 1970-01-01 in Matplotlib date numbers (set once Matplotlib is loaded)
 
 
 class Window:
@@ -90,6 +91,10 @@ def total_power(series: dict[str, list[np.ndarray]], step_us: int) -> tuple[np.n
 
 
 class Renderer:
+    """One figure kept for the life of the process: each frame only replaces the lines' data,
+    rescales, and writes the PNG. Margins are fixed (no tight_layout per frame) and the legend
+    is rebuilt only when the set of lines changes, so a frame costs one draw and one encode."""
+
     def __init__(self, out_dir: str, max_points: int):
         import matplotlib
 
@@ -97,61 +102,95 @@ class Renderer:
         import matplotlib.dates as mdates
         import matplotlib.pyplot as plt
 
+        global _EPOCH_DAYS
+        _EPOCH_DAYS = float(mdates.date2num(np.datetime64("1970-01-01T00:00:00")))
         self.plt, self.mdates = plt, mdates
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.max_points = max_points
+        self.fig = None
+        self.lines: dict[tuple[str, str], object] = {}  # (panel, label) -> Line2D
+        self.legend_keys: tuple = ()
+
+    def _setup(self) -> None:
+        fig, axes = self.plt.subplots(3, 1, figsize=(11, 8.5), sharex=True,
+                                      gridspec_kw={"height_ratios": [2, 1, 1]})
+        fig.subplots_adjust(left=0.08, right=0.98, top=0.95, bottom=0.08, hspace=0.12)
+        self.fig, self.axes = fig, dict(zip(("p", "v", "i"), axes, strict=True))
+        ax_p, ax_v, ax_i = axes
+        ax_p.set_ylabel("power, W")
+        ax_v.set_ylabel("voltage, V")
+        ax_i.set_ylabel("current, A")
+        ax_i.set_xlabel("measurement time (UTC of the meters' clock)")
+        for ax in axes:
+            ax.grid(True, alpha=0.3)
+            ax.xaxis_date()
+        locator = self.mdates.AutoDateLocator()
+        ax_i.xaxis.set_major_locator(locator)
+        ax_i.xaxis.set_major_formatter(self.mdates.ConciseDateFormatter(locator))
+
+    def _line(self, panel: str, label: str, **style):
+        line = self.lines.get((panel, label))
+        if line is None:
+            (line,) = self.axes[panel].plot([], [], label=label, **style)
+            self.lines[(panel, label)] = line
+        return line
 
     def render(self, series: dict[str, list[np.ndarray]],
                v_meters: dict[str, str] | None = None) -> Path:
-        plt = self.plt
-        fig, (ax_p, ax_v, ax_i) = plt.subplots(3, 1, figsize=(11, 8.5), sharex=True,
-                                               gridspec_kw={"height_ratios": [2, 1, 1]})
+        if self.fig is None:
+            self._setup()
         series = {k: v for k, v in series.items() if len(v[0])}
         span = max((d[0][-1] - d[0][0] for d in series.values()), default=0)
         step = max(int(span / 600), 100_000)
         shown = sorted(series, key=lambda k: -float(series[k][1][-1]))[:MAX_LINES]
         per_line = max(200, self.max_points // max(1, len(shown)))
+        used: set[tuple[str, str]] = set()
         voltage_drawn: set[str] = set()
         for name in sorted(shown):
             t, w, v, a = thin(*series[name], max_points=per_line)
-            when = _mpl_dates(t)
-            ax_p.plot(when, w, lw=1, label=f"circuit {name}")
-            ax_i.plot(when, a, lw=1, label=f"circuit {name}")
+            when = _mpl_days(t)
+            for panel, label, y in (("p", f"circuit {name}", w), ("i", f"circuit {name}", a)):
+                self._line(panel, label, lw=1).set_data(when, y)
+                used.add((panel, label))
             v_meter = (v_meters or {}).get(name, name)
             if v_meter not in voltage_drawn:  # circuits sharing a V meter share its line
                 voltage_drawn.add(v_meter)
-                ax_v.plot(when, v, lw=1, label=f"meter {v_meter}")
+                self._line("v", f"meter {v_meter}", lw=1).set_data(when, v)
+                used.add(("v", f"meter {v_meter}"))
         if len(series) > 1:
             grid, total = total_power(series, step)
-            ax_p.plot(_mpl_dates(grid), total, lw=1.6, color="black", label="total")
+            self._line("p", "total", lw=1.6, color="black").set_data(_mpl_days(grid), total)
+            used.add(("p", "total"))
+        for key in [k for k in self.lines if k not in used]:  # circuits no longer shown
+            self.lines.pop(key).remove()
         title = "wattflow: power per circuit and total"
         if len(series) > len(shown):
             title += f" ({len(shown)} of {len(series)} circuits drawn; total covers all)"
-        ax_p.set_title(title)
-        ax_p.set_ylabel("power, W")
-        ax_v.set_ylabel("voltage, V")
-        ax_i.set_ylabel("current, A")
-        ax_i.set_xlabel("measurement time (UTC of the meters' clock)")
-        for ax in (ax_p, ax_v, ax_i):
-            ax.grid(True, alpha=0.3)
-        if series:
-            ax_p.legend(loc="upper left", fontsize="small", ncol=4)
-            ax_v.legend(loc="upper left", fontsize="small", ncol=4)
-        locator = self.mdates.AutoDateLocator()
-        ax_i.xaxis.set_major_locator(locator)
-        ax_i.xaxis.set_major_formatter(self.mdates.ConciseDateFormatter(locator))
-        fig.tight_layout()
+        self.axes["p"].set_title(title)
+        for ax in self.axes.values():
+            ax.relim()
+            ax.autoscale_view()
+        keys = tuple(sorted(used))
+        if keys != self.legend_keys:
+            self.legend_keys = keys
+            for panel in ("p", "v"):
+                ax = self.axes[panel]
+                if ax.get_legend() is not None:
+                    ax.get_legend().remove()
+                if any(k[0] == panel for k in keys):
+                    ax.legend(loc="upper left", fontsize="small", ncol=4)
         target = self.out / "power.png"
         tmp = self.out / f".power.png.{os.getpid()}.tmp"
-        fig.savefig(tmp, dpi=90, format="png")
-        plt.close(fig)
+        # fast zlib level: the encode was a third of a frame at the default level
+        self.fig.savefig(tmp, dpi=90, format="png", pil_kwargs={"compress_level": 1})
         os.replace(tmp, target)
         return target
 
 
-def _mpl_dates(ts_us: np.ndarray) -> np.ndarray:
-    return ts_us.astype("datetime64[us]")
+def _mpl_days(ts_us: np.ndarray) -> np.ndarray:
+    """Microseconds since 1970 as Matplotlib date numbers (days since its epoch)."""
+    return _EPOCH_DAYS + ts_us / 86_400e6
 
 
 def run(cfg: Config) -> int:
