@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from services.power.pairing import Pairing, to_columns
+from services.power.pairing import Pairing
 from shared import topics
 from shared.config import Config
 from shared.service import Runtime
@@ -30,12 +30,10 @@ def run(cfg: Config) -> int:
                 break
             for msg in msgs:
                 d = msg.data
-                meters = [m.decode() for m in d["meter"].tolist()]
-                out = pairing.feed(meters, d["ts_us"].tolist(), d["value"].tolist(),
-                                   d["t_recv"].tolist())
-                rt.counters["readings_in"] += len(meters)
-                if out["ts_us"]:
-                    pub.send(topics.POWER, to_columns(out))
+                out = pairing.feed_columns(d["meter"], d["ts_us"], d["value"], d["t_recv"])
+                rt.counters["readings_in"] += len(d["ts_us"])
+                if len(out["ts_us"]):
+                    pub.send(topics.POWER, out)
                     rt.counters["power_published"] += len(out["ts_us"])
             rt.counters["stale_readings"] = pairing.stale
             rt.tick()

@@ -12,6 +12,7 @@ import numpy as np
 
 from shared.config import Circuit
 
+SMALL_BATCH = 200  # below this many readings, one by one is cheaper than per-meter columns
 POWER_COLUMNS = ("circuit", "ts_us", "watts", "volts", "amps", "v_meter", "a_meter", "t_recv")
 
 
@@ -25,11 +26,98 @@ class Pairing:
             self.roles.setdefault(c.voltage, []).append((i, True))
             self.roles.setdefault(c.current, []).append((i, False))
         self.latest: dict[str, tuple[int, float]] = {}  # meter -> (ts_us, value)
+        self.c_name = _bytes_column([c.name for c in self.circuits])
+        self.c_voltage = _bytes_column([c.voltage for c in self.circuits])
+        self.c_current = _bytes_column([c.current for c in self.circuits])
         self.stale = 0  # readings older than the one held
 
     def feed(self, meters: list[str], ts_us: list[int], values: list[float],
              t_recv: list[float]) -> dict[str, list]:
-        """Readings in arrival order -> power columns (possibly empty)."""
+        """Readings in arrival order -> power columns as lists (possibly empty)."""
+        cols = self.feed_columns(
+            np.array([m.encode() for m in meters], dtype="S") if meters else _EMPTY_S,
+            np.array(ts_us, dtype=np.int64), np.array(values, dtype=np.float64),
+            np.array(t_recv, dtype=np.float64))
+        return {k: [b.decode() for b in v.tolist()] if v.dtype.kind == "S" else v.tolist()
+                for k, v in cols.items()}
+
+    def feed_columns(self, meter: np.ndarray, ts_us: np.ndarray, value: np.ndarray,
+                     t_recv: np.ndarray) -> dict[str, np.ndarray]:
+        """Readings in arrival order (columns, meter ids as bytes) -> power columns for the bus.
+
+        The same result as taking the readings one by one, computed per meter instead: a
+        reading is fresh when it is newer than everything its meter had before it (the held
+        reading and the batch's earlier ones: a running maximum); the partner a fresh reading
+        pairs with is the partner's last fresh reading before it in the batch, else the one
+        held when the batch began. Points come out in reading order, then circuit order."""
+        if not len(meter):
+            return _empty_columns()
+        if len(meter) < SMALL_BATCH:
+            return to_columns(self._feed_loop([m.decode() for m in meter.tolist()],
+                                              ts_us.tolist(), value.tolist(), t_recv.tolist()))
+        names, inverse = np.unique(meter, return_inverse=True)
+        inverse = inverse.ravel()
+        order = np.argsort(inverse, kind="stable")
+        bounds = np.searchsorted(inverse[order], np.arange(len(names) + 1))
+        fresh: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        before: dict[str, tuple[int, float] | None] = {}
+        for j, name in enumerate(b.decode() for b in names.tolist()):
+            pos = order[bounds[j] : bounds[j + 1]]  # this meter's readings, in arrival order
+            t = ts_us[pos]
+            held = self.latest.get(name)
+            floor = held[0] if held is not None else _MIN_TS
+            newest_before = np.maximum.accumulate(np.concatenate(([floor], t)))[:-1]
+            keep = t > newest_before
+            self.stale += int(len(t) - np.count_nonzero(keep))
+            pos, t = pos[keep], t[keep]
+            before[name] = held
+            fresh[name] = (pos, t, value[pos])
+            if len(pos):
+                self.latest[name] = (int(t[-1]), float(value[pos[-1]]))
+        parts = []
+        for name, (pos, t, val) in fresh.items():
+            if not len(pos):
+                continue
+            for rank, (ci, is_voltage) in enumerate(self.roles.get(name, ())):
+                c = self.circuits[ci]
+                partner = c.current if is_voltage else c.voltage
+                held = before[partner] if partner in before else self.latest.get(partner)
+                p_pos, p_t, p_val = fresh.get(partner, _NO_FRESH)
+                k = np.searchsorted(p_pos, pos) - 1  # partner's last fresh reading before
+                in_batch = k >= 0
+                ks = np.maximum(k, 0)
+                if len(p_pos):
+                    o_t = np.where(in_batch, p_t[ks], held[0] if held else 0)
+                    o_v = np.where(in_batch, p_val[ks], held[1] if held else 0.0)
+                else:
+                    o_t = np.full(len(pos), held[0] if held else 0, np.int64)
+                    o_v = np.full(len(pos), held[1] if held else 0.0)
+                have = in_batch if held is None else np.ones(len(pos), bool)
+                hit = np.flatnonzero(have & (np.abs(t - o_t) <= self.max_diff_us))
+                if not len(hit):
+                    continue
+                volts, amps = (val[hit], o_v[hit]) if is_voltage else (o_v[hit], val[hit])
+                parts.append((pos[hit], np.full(len(hit), rank), np.full(len(hit), ci),
+                              np.maximum(t[hit], o_t[hit]), volts, amps))
+        if not parts:
+            return _empty_columns()
+        pos, rank, ci, ts, volts, amps = (np.concatenate(col) for col in zip(*parts, strict=True))
+        out_order = np.lexsort((rank, pos))
+        pos, ci, volts, amps = pos[out_order], ci[out_order], volts[out_order], amps[out_order]
+        return {
+            "circuit": self.c_name[ci],
+            "ts_us": ts[out_order].astype(np.int64),
+            "watts": volts * amps,
+            "volts": volts.astype(np.float64),
+            "amps": amps.astype(np.float64),
+            "v_meter": self.c_voltage[ci],
+            "a_meter": self.c_current[ci],
+            "t_recv": t_recv[pos].astype(np.float64),
+        }
+
+    def _feed_loop(self, meters: list[str], ts_us: list[int], values: list[float],
+             t_recv: list[float]) -> dict[str, list]:
+        """One reading at a time (cheaper than the column path for small batches)."""
         out: dict[str, list] = {k: [] for k in POWER_COLUMNS}
         roles, latest, circuits, max_diff = self.roles, self.latest, self.circuits, self.max_diff_us
         for meter, ts, value, recv in zip(meters, ts_us, values, t_recv, strict=True):
@@ -55,6 +143,15 @@ class Pairing:
         return out
 
 
+def _empty_columns() -> dict[str, np.ndarray]:
+    return to_columns({k: [] for k in POWER_COLUMNS})
+
+
+_EMPTY_S = np.empty(0, "S1")
+_MIN_TS = np.iinfo(np.int64).min
+_NO_FRESH = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float64))
+
+
 def to_columns(out: dict[str, list]) -> dict[str, np.ndarray]:
     """Power lists -> typed columns for the bus."""
     return {
@@ -67,3 +164,7 @@ def to_columns(out: dict[str, list]) -> dict[str, np.ndarray]:
         "a_meter": np.array(out["a_meter"], dtype="S"),
         "t_recv": np.array(out["t_recv"], dtype=np.float64),
     }
+
+
+def _bytes_column(texts: list[str]) -> np.ndarray:
+    return np.array([t.encode() for t in texts], dtype="S") if texts else _EMPTY_S
