@@ -55,8 +55,7 @@ class Pairing:
         if len(meter) < SMALL_BATCH:
             return to_columns(self._feed_loop([m.decode() for m in meter.tolist()],
                                               ts_us.tolist(), value.tolist(), t_recv.tolist()))
-        names, inverse = np.unique(meter, return_inverse=True)
-        inverse = inverse.ravel()
+        names, inverse = _group(meter)
         order = np.argsort(inverse, kind="stable")
         bounds = np.searchsorted(inverse[order], np.arange(len(names) + 1))
         fresh: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -141,6 +140,31 @@ class Pairing:
                 out["a_meter"].append(c.current)
                 out["t_recv"].append(recv)
         return out
+
+
+def _group(meter: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct ids of a bytes column and each row's group: ``np.unique`` on a 64-bit hash of
+    the ids (a sort of integers, several times cheaper than sorting strings), checked exactly
+    against the ids themselves."""
+    width = meter.dtype.itemsize
+    if width > 8 * len(_HASH_MULT):
+        names, inverse = np.unique(meter, return_inverse=True)
+        return names, inverse.ravel()
+    words = np.zeros((len(meter), -(-width // 8) * 8), np.uint8)
+    words[:, :width] = meter.view(np.uint8).reshape(len(meter), width)
+    words = words.view(np.uint64)
+    with np.errstate(over="ignore"):
+        h = (words * _HASH_MULT[: words.shape[1]]).sum(axis=1, dtype=np.uint64)
+    _, first, inverse = np.unique(h, return_index=True, return_inverse=True)
+    names = meter[first]
+    inverse = inverse.ravel()
+    if not (names[inverse] == meter).all():  # a hash collision: group by the ids themselves
+        names, inverse = np.unique(meter, return_inverse=True)
+        inverse = inverse.ravel()
+    return names, inverse
+
+
+_HASH_MULT = (np.arange(1, 65, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) | np.uint64(1)
 
 
 def _empty_columns() -> dict[str, np.ndarray]:
