@@ -216,33 +216,63 @@ def throughput(stack: Stack, conns: int, ticks: int) -> dict:
 def latency(stack: Stack, conns: int, rate_total: float, seconds: float) -> dict:
     sub = stack.subscribe(topics.POWER)
     wait_for(lambda: stack.listening("power", "power"), 10, "bench subscribed to power")
+    # where the time goes: each stage's send time minus the ingest receive time it carries
+    stages_sub = stack.subscribe(topics.RAW, topics.READING)
+    wait_for(lambda: stack.listening("raw", "ingest") and stack.listening("reading", "storage"),
+             10, "bench subscribed to raw and reading")
+    stage: dict[str, list[np.ndarray]] = {"ingest_sent": [], "storage_published": [],
+                                          "power_published": []}
     per_conn = rate_total / conns
     ticks = int(per_conn * seconds / GROUP_SIZE)
     lines = conns * ticks * GROUP_SIZE
-    lat: list[np.ndarray] = []
     readings_before = stack.counters("power").get("readings_in", 0)
     published_before = stack.counters("power").get("power_published", 0)
     frames_before = stack.counters("plotter").get("frames", 0)
+
+    # Power messages are taken one at a time by a thread of their own, so each arrival time is
+    # read as it arrives (the main loop below waits on stats and other topics).
+    arrivals: list[tuple[float, object]] = []  # (arrival time, message)
+    stop = threading.Event()
+
+    def receive() -> None:
+        while not stop.is_set():
+            for msg in sub.recv_batch(50, 1):
+                arrivals.append((time.time(), msg))
+
+    receiver = threading.Thread(target=receive, name="power-receiver")
+    receiver.start()
     load = run_load(stack.port, conns, ticks, rate=per_conn, t0_us=LATENCY_T0)
-    got = 0
-    flow: list[tuple[float, int]] = []  # (time, plotter frames) while power points arrive
+    timeline: list[tuple[float, int]] = []  # (time, plotter frames)
     deadline = time.monotonic() + seconds * 3 + 60
-    while time.monotonic() < deadline:
-        for msg in sub.recv_batch(100, 1000):
-            now = time.time()
-            t_recv = msg.data["t_recv"]
-            lat.append(now - t_recv)
-            got += len(t_recv)
-            flow.append((now, stack.counters("plotter").get("frames", 0)))
-        p = stack.counters("power")
-        if (p.get("readings_in", 0) - readings_before >= lines
-                and got >= p.get("power_published", 0) - published_before):
-            break
+    try:
+        while time.monotonic() < deadline:
+            for msg in stages_sub.recv_batch(50, 10_000):
+                key = "ingest_sent" if msg.topic == topics.RAW else "storage_published"
+                stage[key].append(msg.t - np.asarray(msg.data["t_recv"], dtype=np.float64))
+            p = stack.counters("power")
+            timeline.append((time.time(), stack.counters("plotter").get("frames", 0)))
+            got = sum(len(m.data["t_recv"]) for _, m in list(arrivals))
+            if (p.get("readings_in", 0) - readings_before >= lines
+                    and got >= p.get("power_published", 0) - published_before):
+                break
+    finally:
+        stop.set()
+        receiver.join()
     sent = json.loads(load.communicate(timeout=60)[0])
+    lat = []
+    for now, msg in arrivals:
+        lat.append(now - msg.data["t_recv"])
+        stage["power_published"].append(msg.t - msg.data["t_recv"])
+    got = sum(len(x) for x in lat)
     frames = stack.counters("plotter").get("frames", 0) - frames_before
-    # frames per second while data flowed (the plotter draws only when something changed)
-    flow_s = flow[-1][0] - flow[0][0] if len(flow) > 1 else 0.0
-    flow_fps = (flow[-1][1] - flow[0][1]) / flow_s if flow_s > 0 else 0.0
+    # frames per second while power data flowed (the plotter draws only when data changed)
+    fps, flow_s = 0.0, 0.0
+    if len(arrivals) > 1:
+        t0, t1 = arrivals[0][0], arrivals[-1][0]
+        inside = [(t, f) for t, f in timeline if t0 <= t <= t1]
+        if len(inside) > 1 and inside[-1][0] > inside[0][0]:
+            flow_s = t1 - t0
+            fps = (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
     wait_for(lambda: all_through(stack, readings_before + lines), 60,
              lambda: f"latency phase stored: {stack.describe()}")
     ms = np.concatenate(lat) * 1000 if lat else np.zeros(1)
@@ -253,8 +283,12 @@ def latency(stack: Stack, conns: int, rate_total: float, seconds: float) -> dict
             "p95_ms": round(float(np.percentile(ms, 95)), 2),
             "p99_ms": round(float(np.percentile(ms, 99)), 2),
             "max_ms": round(float(ms.max()), 2),
-            "plotter_frames_per_s": round(flow_fps, 2), "plotter_frames": frames,
-            "seconds_with_data": round(flow_s, 2)}
+            "plotter_frames_per_s": round(fps, 2), "plotter_frames": frames,
+            "seconds_with_data": round(flow_s, 2),
+            # per stage, from ingest's receive time: p50 / p99 ms (raw: per chunk; reading and
+            # power: per record)
+            "stages_ms": {k: [round(float(np.percentile(np.concatenate(v) * 1000, q)), 2)
+                              for q in (50, 99)] for k, v in stage.items() if v}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -331,6 +365,8 @@ def print_report(r: dict) -> None:
           f" max {lat['max_ms']} ms ({lat['power_points']:,} of {lat['power_expected']:,} power "
           f"points); plotter {lat['plotter_frames_per_s']} frames/s while data flowed "
           f"({lat['seconds_with_data']} s)")
+    print("  from ingest's receive time to (p50 / p99 ms): " + ", ".join(
+        f"{k.replace('_', ' ')} {v[0]} / {v[1]}" for k, v in lat["stages_ms"].items()))
     print("\nreferences measured in this run:          rate/s     ours/ref")
     for key, label, ratio in (("tcp_lines_per_s", "bare TCP line count", "vs_tcp"),
                               ("parse_block_lines_per_s", "bare parse_block", "vs_parse_block"),
