@@ -299,8 +299,12 @@ def parse_block(block: bytes, table: MeterTable) -> Parsed:
 
 
 def _rows(padded: np.ndarray, start: np.ndarray, width: int) -> np.ndarray:
-    """Rows of ``width`` bytes at ``start`` (a copy; ``padded`` ends in ``_PAD`` zeros)."""
-    return np.lib.stride_tricks.sliding_window_view(padded, width)[start]
+    """Rows of ``width`` bytes at ``start`` (a copy; ``padded`` ends in ``_PAD`` zeros): a
+    read-only sliding-window view of ``padded`` indexed by row."""
+    windows = np.ndarray((len(padded) - width + 1, width), np.uint8, padded, 0,
+                         (1, 1))
+    windows.flags.writeable = False
+    return windows[start]
 
 
 def _gather(padded: np.ndarray, start: np.ndarray, length: np.ndarray, width: int) -> np.ndarray:
