@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from tests.integration.lines import Feeder
+from tests.integration.lines import SECOND, T0, Feeder, line
 from tests.integration.stack import SERVICES, Stack, wait_for
 
 
@@ -81,10 +81,20 @@ def test_kill_9_and_restart_mid_stream(stack, victim):
     stack.kill(victim)
     wait_for(lambda: feeder.progress() > 0.5, 30, "lines flowing while it is down")
     stack.restart(victim)
-    before = power_rows(stack)
     assert_exactly_once(stack, feeder, timeout=90)
-    # power resumes after the restart (new power points are stored)
-    wait_for(lambda: power_rows(stack) > before, 30, "power to resume")
+    # power resumes after the restart: fresh readings (the feeder may have finished before a
+    # restarted power subscribed) give new power points
+    before = power_rows(stack)
+    k = 0
+
+    def resumed() -> bool:
+        nonlocal k
+        k += 1
+        t = T0 + 10**12 + k * SECOND
+        stack.send(line("10.0.0.1", t, 100) + line("10.0.0.4", t, 2))
+        return power_rows(stack) > before
+
+    wait_for(resumed, 30, "power to resume", step=0.2)
 
 
 def test_kill_9_of_ingest_loses_nothing_it_accepted(stack):
