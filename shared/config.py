@@ -42,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
         "port": 44444,
         "max_line": 1024,
         "batch_lines": 5000,
-        "flush_ms": 5,
+        "flush_ms": 1,
         "idle_timeout_s": 600,
         "max_connections": 10000,
         "max_buffer_mb": 256,

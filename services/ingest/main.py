@@ -2,8 +2,10 @@
 
 Per chunk received (not per line): split off the unfinished last line, cut over-long lines
 (they travel in the batch as rejections), append the rest to the pending batch. A batch is
-made when it holds ``batch_lines`` lines or every ``flush_ms``; it is numbered, written to the
-journal, sent, and kept until storage acks it (resent when acks stop coming). While nobody
+made as soon as the event loop has handled what its sockets had ready (so a busy loop makes
+big batches and a quiet one sends at once), at most one per ``flush_ms``, and whenever
+``batch_lines`` lines wait; it is numbered, written to the journal, sent, and kept until
+storage acks it (resent when acks stop coming). While nobody
 listens on ``raw`` or the bus is full, batches wait; once what ingest holds passes
 ``max_buffer_mb``, connections stop being read, so meters feel TCP backpressure instead of
 losing lines.
@@ -26,6 +28,7 @@ from shared.service import Runtime
 
 log = logging.getLogger("ingest")
 READ_SIZE = 1 << 16
+HOUSEKEEPING_S = 0.005  # acks, resends and gauges this often
 MAX_RESEND_S = 30.0  # longest wait between two resends while storage stays silent
 STOP_GRACE_S = 2.0  # on stop: how long open connections may still deliver what they sent
 REJECT_KEEP = 200  # bytes of an over-long line kept in its rejection
@@ -69,6 +72,9 @@ class Ingest:
         self.idle = asyncio.Event()  # set while no connection is open
         self.idle.set()
         self.rejects: list[tuple[bytes, str, str, float]] = []  # over-long lines
+        self.min_gap = self.cfg["flush_ms"] / 1000  # between two batches
+        self.last_flush = 0.0
+        self.flush_handle: asyncio.Handle | None = None
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = "{}:{}".format(*writer.get_extra_info("peername")[:2])
@@ -138,8 +144,29 @@ class Ingest:
         self.rt.counters["lines_in"] += lines
         if self.pending_lines >= self.cfg["batch_lines"]:
             self.flush()
+        else:
+            self.schedule_flush()
         if self.buffered() >= self.cap_bytes:
             self.room.clear()
+
+    def schedule_flush(self) -> None:
+        """Flush once the loop has handled what else is ready now (call_soon runs after the
+        other connections' reads of this round), or when ``flush_ms`` since the last flush is
+        up, whichever is later: one batch per loop round when busy, no waiting when quiet."""
+        if self.flush_handle is not None:
+            return
+        loop = asyncio.get_running_loop()
+        delay = self.last_flush + self.min_gap - time.monotonic()
+        self.flush_handle = (loop.call_later(delay, self._scheduled_flush) if delay > 0
+                             else loop.call_soon(self._scheduled_flush))
+
+    def _scheduled_flush(self) -> None:
+        self.flush_handle = None
+        try:
+            self.flush()
+        except Exception:  # a bug here must not silently stop flushing; housekeeping retries
+            log.exception("flush failed")
+            self.rt.counters["internal_errors"] += 1
 
     def _drop_long_lines(self, peer: str, now: float, block: bytes) -> bytes:
         ends = np.flatnonzero(np.frombuffer(block, np.uint8) == 10)
@@ -163,10 +190,12 @@ class Ingest:
         self.pending_lines += 1
         self.rt.counters["lines_in"] += 1
         self.rt.counters[f"rejected.{parsing.TOO_LONG}"] += 1
+        self.schedule_flush()
 
     def flush(self) -> None:
         """Turn what waits into a numbered batch and hand batches to the bus."""
         if self.chunks or self.rejects:
+            self.last_flush = time.monotonic()
             seq = self.pub.take_seq(topics.RAW)
             peers, times, blocks = zip(*self.chunks, strict=True) if self.chunks else ((),) * 3
             data = {"peer": list(peers), "t_recv": np.array(times, dtype=np.float64),
@@ -253,9 +282,8 @@ class Ingest:
         self.resend_after = min(self.resend_after * 2, MAX_RESEND_S)
 
     async def flusher(self) -> None:
-        period = self.cfg["flush_ms"] / 1000
         while not self.rt.stopping.is_set():
-            await asyncio.sleep(period)
+            await asyncio.sleep(HOUSEKEEPING_S)
             try:
                 self.housekeeping()
             except Exception:  # a bug here must not silently stop flushing and acking
@@ -295,8 +323,8 @@ async def serve(rt: Runtime, journal: Journal) -> None:
     server = await asyncio.start_server(
         ingest.handle, cfg["host"], cfg["port"], limit=READ_SIZE, reuse_address=True, backlog=1024
     )
-    log.info("ingest listening on %s:%s (max_line %d, batch %d lines / %s ms)", cfg["host"],
-             cfg["port"], cfg["max_line"], cfg["batch_lines"], cfg["flush_ms"])
+    log.info("ingest listening on %s:%s (max_line %d, batch <= %d lines, >= %s ms apart)",
+             cfg["host"], cfg["port"], cfg["max_line"], cfg["batch_lines"], cfg["flush_ms"])
     flusher = asyncio.create_task(ingest.flusher())
     while not rt.stopping.is_set():
         await asyncio.sleep(0.05)

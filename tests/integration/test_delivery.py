@@ -132,11 +132,11 @@ def test_sigterm_of_every_service_mid_stream_loses_nothing(stack):
 def test_stats_add_up(stack):
     feeder = Feeder(stack.port, connections=30, invalid_every=3, pause_s=0).start()
     assert_exactly_once(stack, feeder)
-    # the database is complete; the counters arrive with the next stats message
-    wait_for(lambda: stack.counters("storage").get("readings_stored") == len(feeder.expected),
-             10, lambda: f"storage counters to catch up: {stack.counters('storage')}")
+    # the database is complete; the counters arrive with each service's next stats message
+    wait_for(lambda: stack.counters("storage").get("readings_stored") == len(feeder.expected)
+             and stack.counters("ingest").get("lines_in") == feeder.lines, 10,
+             lambda: f"counters: {stack.counters('ingest')} {stack.counters('storage')}")
     ingest, storage = stack.counters("ingest"), stack.counters("storage")
-    assert ingest["lines_in"] == feeder.lines
     assert storage["readings_stored"] == len(feeder.expected)
     assert storage["lines_rejected"] == storage["rejected.out_of_range"] == feeder.invalid
     assert ingest["lines_in"] == storage["readings_stored"] + storage["lines_rejected"]
