@@ -18,7 +18,9 @@ import socket
 import threading
 import time
 
-from shared.parsing import format_us, to_us
+import numpy as np
+
+from shared.parsing import to_us
 
 T0 = to_us(2025, 1, 1, 0, 0, 0, 0)
 STEP_US = 1_000  # between two consecutive global ticks
@@ -29,15 +31,30 @@ GROUP_SIZE = len(METERS)  # lines per tick
 
 
 def make_payload(conn: int, conns: int, ticks: int, t0_us: int = T0) -> bytes:
-    """The lines of connection ``conn`` of ``conns``: ``ticks`` ticks of all five meters."""
-    lines = []
-    for k in range(ticks):
-        g = k * conns + conn  # global tick number
-        stamp = format_us(t0_us + g * STEP_US).encode()
-        for i, (ip, _, lo, hi) in enumerate(METERS):
-            value = lo + (hi - lo) * (((g * 7 + i * 13) % 100) / 100)
-            lines.append(b"%s\t%s\t%.3f\n" % (ip.encode(), stamp, value))
-    return b"".join(lines)
+    """The lines of connection ``conn`` of ``conns``: ``ticks`` ticks of all five meters.
+
+    Tick ``k`` is global tick ``g = k * conns + conn`` at ``t0_us + g * STEP_US``; meter ``i``
+    reads ``lo + (hi - lo) * ((g * 7 + i * 13) % 100) / 100`` (``%.3f``). Made with NumPy
+    (about 0.35 us a line): every line is laid out zero-padded in a fixed-width row, the
+    padding dropped at the end; tests/bench checks it against a line-by-line version."""
+    g = np.arange(ticks, dtype=np.int64) * conns + conn
+    stamps = np.datetime_as_string((t0_us + g * STEP_US).astype("datetime64[us]"), unit="us")
+    ts = np.frombuffer(stamps.astype("S26").tobytes(), np.uint8).reshape(ticks, 26).copy()
+    ts[ts == ord("-")] = ord(".")  # 2025-01-01T00:00:00.000000 -> 2025.01.01 00:00:00.000000
+    ts[ts == ord("T")] = ord(" ")
+    values = [[b"%.3f\n" % (lo + (hi - lo) * (j / 100)) for j in range(100)]
+              for _, _, lo, hi in METERS]
+    ip_w = max(len(m[0]) for m in METERS)
+    val_w = max(len(v) for per_meter in values for v in per_meter)
+    rows = np.zeros((ticks, GROUP_SIZE, ip_w + 28 + val_w), np.uint8)
+    for i, (ip, *_) in enumerate(METERS):
+        rows[:, i, : len(ip)] = np.frombuffer(ip.encode(), np.uint8)
+        rows[:, i, ip_w] = rows[:, i, ip_w + 27] = ord("\t")
+        rows[:, i, ip_w + 1 : ip_w + 27] = ts
+        table = np.array(values[i], dtype=f"S{val_w}")[(g * 7 + i * 13) % 100]
+        rows[:, i, ip_w + 28 :] = np.frombuffer(table.tobytes(), np.uint8).reshape(ticks, val_w)
+    flat = rows.reshape(-1)
+    return flat[flat != 0].tobytes()
 
 
 def send(port: int, payloads: list[bytes], rate_per_conn: float | None) -> dict:

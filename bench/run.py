@@ -12,7 +12,9 @@ Prints a report and writes JSON (default bench/results/latest.json). Phases:
    every power point is stored;
 3. latency at a fixed offered rate (20 connections): power arrival at a subscriber minus the
    ingest receive time carried in each power record;
-then CPU seconds and peak RSS of every service.
+then CPU seconds and peak RSS of every service;
+4. overload: a fresh stack offered twice the sustained rate, memory sampled: it stays flat
+   (ingest stops reading its sockets at ``ingest.max_buffer_mb``) and every line is stored.
 """
 
 from __future__ import annotations
@@ -113,9 +115,14 @@ def ref_parse(block: bytes, table: parsing.MeterTable, batch: int = 5000) -> tup
     return fast, slow
 
 
-def ref_executemany(rows: int, batch: int = 5000) -> float:
+def ref_executemany(rows: int, batch: int = 5000, per_statement: int = 1) -> float:
+    """Rows/s into the storage schema's readings table, ``batch`` rows per transaction, by
+    ``executemany`` of a one-row INSERT; or, with ``per_statement`` > 1, of an INSERT of that
+    many rows (``VALUES (...), (...), ...``: what storage does)."""
     from services.storage.db import SCHEMA
 
+    sql = "INSERT INTO readings (meter_id, ts_us, value) VALUES " + ", ".join(
+        ["(?, ?, ?)"] * per_statement)
     with tempfile.TemporaryDirectory() as tmp:
         conn = sqlite3.connect(Path(tmp) / "ref.db", isolation_level=None)
         conn.execute("PRAGMA journal_mode=WAL")
@@ -124,11 +131,15 @@ def ref_executemany(rows: int, batch: int = 5000) -> float:
         # like the benchmark's data: the five meters, one tick of all five per millisecond
         data = [(i % GROUP_SIZE + 1, T0 + (i // GROUP_SIZE) * STEP_US, float(i % 97))
                 for i in range(rows)]
+        if per_statement > 1:
+            flat = [x for row in data for x in row]
+            step = 3 * per_statement
+            data = [flat[k : k + step] for k in range(0, len(flat), step)]
+            batch //= per_statement
         start = time.perf_counter()
-        for k in range(0, rows, batch):
+        for k in range(0, len(data), batch):
             conn.execute("BEGIN")
-            conn.executemany("INSERT INTO readings (meter_id, ts_us, value) VALUES (?, ?, ?)",
-                             data[k : k + batch])
+            conn.executemany(sql, data[k : k + batch])
             conn.execute("COMMIT")
         rate = rows / (time.perf_counter() - start)
         conn.close()
@@ -195,10 +206,12 @@ def all_through(stack: Stack, readings: int, power_before: int = 0) -> bool:
 def throughput(stack: Stack, conns: int, ticks: int) -> dict:
     lines = conns * ticks * GROUP_SIZE
     before = {n: proc_usage(p.pid)[0] for n, p in stack.procs.items()}
+    frames_before = stack.counters("plotter").get("frames", 0)
     load = run_load(stack.port, conns, ticks)
     wait_for(lambda: all_through(stack, lines), 600,
              lambda: f"{lines} readings and their power stored: {stack.describe()}", step=0.02)
     t_end = time.time()
+    frames = stack.counters("plotter").get("frames", 0) - frames_before
     sent = json.loads(load.communicate(timeout=60)[0])
     elapsed = t_end - sent["t_first_byte"]
     cpu = {n: round(proc_usage(p.pid)[0] - before[n], 2) for n, p in stack.procs.items()}
@@ -210,6 +223,8 @@ def throughput(stack: Stack, conns: int, ticks: int) -> dict:
             "power_published": stack.counters("power").get("power_published", 0),
             "power_in_db": power, "power_per_s": round(power / elapsed),
             "accept_seconds": round(sent["t_all_sent"] - sent["t_first_byte"], 3),
+            # frames drawn while the run was on (stats lag by up to stats_interval_s)
+            "plotter_frames": frames, "plotter_frames_per_s": round(frames / elapsed, 2),
             "cpu_seconds": cpu}
 
 
@@ -291,13 +306,75 @@ def latency(stack: Stack, conns: int, rate_total: float, seconds: float) -> dict
                               for q in (50, 99)] for k, v in stage.items() if v}}
 
 
+def rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def overload(tmp: Path, rate_total: float, seconds: float, conns: int, cap_mb: float) -> dict:
+    """A fresh stack whose ingest may hold ``cap_mb`` (``ingest.max_buffer_mb``), offered
+    ``rate_total`` lines/s (twice the sustained rate) for ``seconds`` worth of lines. Every
+    service's RSS is sampled while the lines go in: under overload ingest stops reading its
+    sockets once it holds ``cap_mb`` (the load generator's sends then block, TCP
+    backpressure), so memory stays flat instead of growing with the excess."""
+    cfg = dict(BENCH_CONFIG, ingest={"max_buffer_mb": cap_mb})
+    stack = Stack(tmp, cfg)
+    try:
+        stack.start()
+        stack.wait_ready()
+        per_conn = rate_total / conns
+        ticks = max(1, int(per_conn * seconds / GROUP_SIZE))
+        lines = conns * ticks * GROUP_SIZE
+        load = run_load(stack.port, conns, ticks, rate=per_conn)
+        samples: list[tuple[float, dict[str, int], int, int]] = []  # t, rss, buffered, frames
+        deadline = time.monotonic() + seconds * 10 + 120
+        while load.poll() is None and time.monotonic() < deadline:
+            gauges = stack.stats().get("ingest", {}).get("gauges", {})
+            samples.append((time.time(), {n: rss(p.pid) for n, p in stack.procs.items()},
+                            gauges.get("buffered_bytes", 0),
+                            stack.counters("plotter").get("frames", 0)))
+            time.sleep(0.1)  # sampling period (the loop ends when the load generator does)
+        sent = json.loads(load.communicate(timeout=60)[0])
+        t0, t1 = sent["t_first_byte"], sent["t_all_sent"]
+        wait_for(lambda: stack.counters("storage").get("readings_stored", 0) >= lines, 300,
+                 lambda: f"overload lines stored: {stack.describe()}", step=0.05)
+        drained = time.time() - t1
+        inside = [s for s in samples if t0 <= s[0] <= t1]
+        half = [s for s in inside if s[0] >= (t0 + t1) / 2]
+        usage = {n: proc_usage(p.pid) for n, p in stack.procs.items()}
+        ingest = stack.counters("ingest")
+        frames_s = 0.0
+        if len(inside) > 1 and inside[-1][0] > inside[0][0]:
+            frames_s = (inside[-1][3] - inside[0][3]) / (inside[-1][0] - inside[0][0])
+        return {
+            "offered_lines_per_s": round(rate_total), "connections": conns, "lines": lines,
+            "lines_sent": sent["lines"], "readings_in_db": stack.count("readings"),
+            "max_buffer_mb": cap_mb, "send_seconds": round(t1 - t0, 2),
+            "accepted_lines_per_s": round(lines / (t1 - t0)),
+            "stored_seconds_after_last_byte": round(drained, 2),
+            "ingest_held_max_mb": round(max((s[2] for s in inside), default=0) / 2**20, 1),
+            "backpressure_pauses": ingest.get("backpressure_pauses", 0),
+            "plotter_frames_per_s": round(frames_s, 2),
+            # per service: RSS when the second half of the sending began, at its end, and the
+            # peak over the whole run (MB)
+            "rss_mb": {n: {"second_half_start": round(half[0][1][n] / 2**20, 1) if half else 0,
+                           "end": round(inside[-1][1][n] / 2**20, 1) if inside else 0,
+                           "peak": round(usage[n][1] / 2**20, 1)} for n in stack.procs},
+        }
+    finally:
+        stack.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a small run (seconds)")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "latest.json"))
     args = ap.parse_args(argv)
     conns, lat_conns = 10, 20
-    ticks = 4_000 if args.quick else 40_000  # x5 lines x conns: 200k or 2M lines
+    ticks = 4_000 if args.quick else 100_000  # x5 lines x conns: 200k or 5M lines
     lat_rate, lat_s = (20_000, 2.0) if args.quick else (100_000, 10.0)
     report: dict = {"machine": machine(), "quick": args.quick}
 
@@ -306,10 +383,13 @@ def main(argv: list[str] | None = None) -> int:
     print("measuring references ...", flush=True)
     tcp = ref_tcp(conns, ticks)
     parse_fast, parse_strptime = ref_parse(block, table)
-    insert = ref_executemany(conns * ticks * GROUP_SIZE // (2 if args.quick else 4))
+    ref_rows = 1_000_000 if not args.quick else 100_000
+    insert = ref_executemany(ref_rows)
+    insert_multi = ref_executemany(ref_rows, per_statement=1000)
     report["reference"] = {"tcp_lines_per_s": round(tcp), "parse_block_lines_per_s":
                            round(parse_fast), "strptime_lines_per_s": round(parse_strptime),
-                           "executemany_rows_per_s": round(insert)}
+                           "executemany_rows_per_s": round(insert),
+                           "multirow_insert_rows_per_s": round(insert_multi)}
 
     with tempfile.TemporaryDirectory() as tmp:
         stack = Stack(Path(tmp), BENCH_CONFIG)
@@ -328,6 +408,12 @@ def main(argv: list[str] | None = None) -> int:
                 for n, u in ((n, proc_usage(p.pid)) for n, p in stack.procs.items())}
         finally:
             stack.close()
+        print("overload ...", flush=True)
+        (Path(tmp) / "overload").mkdir()
+        report["overload"] = overload(Path(tmp) / "overload",
+                                      2 * report["throughput"]["readings_per_s"],
+                                      2.0 if args.quick else 6.0, conns,
+                                      8 if args.quick else 32)
     e2e = report["throughput"]["readings_per_s"]
     ref = report["reference"]
     report["ratios"] = {
@@ -336,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         "vs_executemany": round(e2e / ref["executemany_rows_per_s"], 3),
         "db_rows_vs_executemany": round(report["throughput"]["db_rows_per_s"]
                                         / ref["executemany_rows_per_s"], 3),
+        "db_rows_vs_multirow_insert": round(report["throughput"]["db_rows_per_s"]
+                                            / ref["multirow_insert_rows_per_s"], 3),
         "vs_original_40k": round(e2e / 40_000, 2),
     }
     print_report(report)
@@ -353,13 +441,14 @@ def machine() -> dict:
 
 
 def print_report(r: dict) -> None:
-    m, ref, tp, lat = r["machine"], r["reference"], r["throughput"], r["latency"]
+    m, ref, tp, lat, ov = r["machine"], r["reference"], r["throughput"], r["latency"], r["overload"]
     print(f"\nwattflow benchmark ({'quick' if r['quick'] else 'full'}) on {m['cpus']} x "
           f"{m['cpu']}, Python {m['python']}")
     print(f"\nend to end: {tp['lines']:,} lines from {tp['connections']} connections in "
           f"{tp['seconds']} s = {tp['readings_per_s']:,} readings/s stored "
           f"({tp['readings_in_db']:,} in db; power {tp['power_in_db']:,} of "
-          f"{tp['power_expected']:,} expected); ingest accepted all in {tp['accept_seconds']} s")
+          f"{tp['power_expected']:,} expected); ingest accepted all in {tp['accept_seconds']} s;"
+          f" plotter {tp['plotter_frames_per_s']} frames/s")
     print(f"latency at {lat['offered_lines_per_s']:,} lines/s offered from {lat['connections']} "
           f"connections: p50 {lat['p50_ms']} ms, p95 {lat['p95_ms']} ms, p99 {lat['p99_ms']} ms,"
           f" max {lat['max_ms']} ms ({lat['power_points']:,} of {lat['power_expected']:,} power "
@@ -367,18 +456,30 @@ def print_report(r: dict) -> None:
           f"({lat['seconds_with_data']} s)")
     print("  from ingest's receive time to (p50 / p99 ms): " + ", ".join(
         f"{k.replace('_', ' ')} {v[0]} / {v[1]}" for k, v in lat["stages_ms"].items()))
+    print(f"overload: {ov['offered_lines_per_s']:,} lines/s offered (2x) from "
+          f"{ov['connections']} connections with ingest.max_buffer_mb {ov['max_buffer_mb']}: "
+          f"accepted {ov['accepted_lines_per_s']:,} lines/s, ingest held at most "
+          f"{ov['ingest_held_max_mb']} MB and paused reading {ov['backpressure_pauses']} times;"
+          f" all {ov['readings_in_db']:,} of {ov['lines']:,} stored "
+          f"{ov['stored_seconds_after_last_byte']} s after the last byte; plotter "
+          f"{ov['plotter_frames_per_s']} frames/s")
+    print("  RSS MB (second half of the sending began / its end / peak): " + ", ".join(
+        f"{n} {v['second_half_start']} / {v['end']} / {v['peak']}"
+        for n, v in ov["rss_mb"].items()))
     print("\nreferences measured in this run:          rate/s     ours/ref")
-    for key, label, ratio in (("tcp_lines_per_s", "bare TCP line count", "vs_tcp"),
-                              ("parse_block_lines_per_s", "bare parse_block", "vs_parse_block"),
-                              ("strptime_lines_per_s", "strptime per line", None),
-                              ("executemany_rows_per_s", "bare executemany (same schema)",
-                               "vs_executemany")):
+    for key, label, ratio in (
+            ("tcp_lines_per_s", "bare TCP line count", "vs_tcp"),
+            ("parse_block_lines_per_s", "bare parse_block", "vs_parse_block"),
+            ("strptime_lines_per_s", "strptime per line", None),
+            ("executemany_rows_per_s", "bare executemany (same schema)", "vs_executemany"),
+            ("multirow_insert_rows_per_s", "bare 1000-row INSERTs (same schema)", None)):
         rr = f"{r['ratios'][ratio]:>8.3f}" if ratio else ""
         print(f"  {label:<36} {ref[key]:>12,} {rr}")
     print(f"  {'original program (its README)':<36} {40_000:>12,} "
           f"{r['ratios']['vs_original_40k']:>8.2f}")
     print(f"  rows written by storage (readings + power): {tp['db_rows_per_s']:,}/s = "
-          f"{r['ratios']['db_rows_vs_executemany']:.3f} of bare executemany")
+          f"{r['ratios']['db_rows_vs_executemany']:.3f} of bare executemany, "
+          f"{r['ratios']['db_rows_vs_multirow_insert']:.3f} of bare 1000-row INSERTs")
     print("\nper service:        CPU s (whole run)   peak RSS MB   CPU s (throughput phase)")
     for name in SERVICES:
         s = r["services"][name]

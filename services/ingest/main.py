@@ -146,8 +146,9 @@ class Ingest:
             self.flush()
         else:
             self.schedule_flush()
-        if self.buffered() >= self.cap_bytes:
+        if self.buffered() >= self.cap_bytes and self.room.is_set():
             self.room.clear()
+            self.rt.counters["backpressure_pauses"] += 1  # sockets not read until acks come
 
     def schedule_flush(self) -> None:
         """Flush once the loop has handled what else is ready now (call_soon runs after the
@@ -300,6 +301,7 @@ class Ingest:
         if self.unacked:
             oldest = time.time() - float(self.unacked[next(iter(self.unacked))][0]["t_recv"][0])
         self.rt.gauges.update(connections=self.connections, pending_lines=self.pending_lines,
+                              reading_paused=not self.room.is_set(),
                               unacked_batches=len(self.unacked), unacked_lines=self.unacked_lines,
                               buffered_bytes=self.buffered(),
                               oldest_unacked_age_s=round(oldest, 3))
