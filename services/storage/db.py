@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import queue
 import sqlite3
 import threading
 from pathlib import Path
@@ -183,6 +184,67 @@ class Database:
         self._checkpointer.join()
         self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self.conn.close()
+
+
+class Writer:
+    """``Database.write`` on a thread of its own. SQLite releases the GIL while it executes a
+    statement (a thousand rows at a time here), so the next batch is parsed and published on
+    the main thread while this one goes into the database: storage uses a second core.
+    At most ``depth`` batches wait; ``submit`` blocks beyond that, so the bus queues instead
+    (and ingest, whose unacked lines are capped, feels it). A failed write is raised again in
+    the caller's thread, by the next ``submit`` or ``completed``."""
+
+    def __init__(self, db: Database, depth: int = 2):
+        self.db = db
+        self.jobs: queue.Queue = queue.Queue(maxsize=depth)
+        self.done: queue.SimpleQueue = queue.SimpleQueue()
+        self.in_flight = 0
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="db-writer", daemon=True)
+        self.thread.start()
+
+    def submit(self, tag, *args) -> None:
+        """Queue ``db.write(*args)``; ``tag`` comes back from ``completed`` once committed."""
+        while True:
+            self._check()
+            try:
+                self.jobs.put((tag, args), timeout=0.5)
+                break
+            except queue.Full:
+                continue
+        self.in_flight += 1
+
+    def completed(self) -> list:
+        """The tags of the writes committed since the last call, in order."""
+        self._check()
+        tags = []
+        while True:
+            try:
+                tags.append(self.done.get_nowait())
+            except queue.Empty:
+                self.in_flight -= len(tags)
+                return tags
+
+    def close(self) -> None:
+        """Finish every queued write (then ``completed`` returns the last tags)."""
+        if self.thread.is_alive():
+            self.jobs.put(None)
+            self.thread.join()
+        self._check()
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            tag, args = job
+            try:
+                self.db.write(*args)
+            except BaseException as exc:  # raised again on the main thread
+                self.error = exc
+                return
+            self.done.put(tag)
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"database write failed: {self.error!r}") from self.error
 
 
 @functools.cache

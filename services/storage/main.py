@@ -1,7 +1,9 @@
 """storage: validate ``raw`` lines, persist good readings and ``power``, publish ``reading`` and
 ``rejected``, and ``ack`` to ingest what is committed.
 
-Many bus messages go into one database transaction when they queue up. Each ingest stream is
+Many bus messages go into one database transaction when they queue up; a writer thread commits
+it while the main thread parses and publishes the next (acks follow the commit). Each ingest
+stream is
 applied once and in order: its last applied sequence number is written in the same
 transaction as its rows, so a crash at any point leaves the database consistent with what
 was acked, and ingest resends the rest."""
@@ -12,7 +14,7 @@ import logging
 
 import numpy as np
 
-from services.storage.db import Database
+from services.storage.db import Database, Writer
 from shared import parsing, topics
 from shared.config import Config
 from shared.messages import Message
@@ -30,16 +32,35 @@ class Storage:
         self.sub = rt.subscriber([topics.RAW, topics.POWER])
         self.pub = rt.publisher()
         self.batch_max = rt.cfg.storage["batch_max"]
-        self.applied = self.db.applied()  # ingest run -> last raw batch in the database
+        self.writer = Writer(self.db)
+        # ingest run -> last raw batch taken (handed to the writer) / committed (acked)
+        self.applied = self.db.applied()
+        self.committed = dict(self.applied)
         # what the database holds in all (counters restart with the process; these do not)
         self.totals = self.db.totals()
         rt.gauges["db"] = self.totals
 
     def step(self, timeout_ms: int) -> int:
+        if self.writer.in_flight:  # come back soon to ack what the writer commits
+            timeout_ms = min(timeout_ms, 2)
         msgs = self.sub.recv_batch(timeout_ms, self.batch_max)
         if msgs:
             self.handle(msgs)
+        self.finish(self.writer.completed())
         return len(msgs)
+
+    def finish(self, batches) -> None:
+        """Count and ack what the writer has committed."""
+        for readings, power, rejected, applied, seen in batches:
+            self.committed.update(applied)
+            self._count(readings, power, rejected)
+            if seen:
+                self.ack(seen)
+
+    def close(self) -> None:
+        self.writer.close()
+        self.finish(self.writer.completed())
+        self.db.close()
 
     def handle(self, msgs: list[Message]) -> None:
         metres, stamps, values, recv_times = [], [], [], []
@@ -85,11 +106,9 @@ class Storage:
         # process die before committing, ingest resends the batch and power, which keeps the
         # latest reading per meter by measurement time, ignores what it has seen.
         self.publish(readings, recv_times, rejected)
-        self.db.write(readings, power, rejected, applied)
+        self.writer.submit((readings, power, rejected, applied, seen),
+                           readings, power, rejected, applied)
         self.applied.update(applied)
-        self._count(readings, power, rejected)
-        if seen:
-            self.ack(seen)
 
     def publish(self, readings, recv_times, rejected) -> None:
         if readings is not None and len(readings[0]):
@@ -121,7 +140,7 @@ class Storage:
         return False
 
     def ack(self, sources) -> None:
-        acked = [(s, self.applied[s]) for s in sources if s in self.applied]
+        acked = [(s, self.committed[s]) for s in sources if s in self.committed]
         if acked:
             src, seq = zip(*acked, strict=True)
             self.pub.send(topics.ACK, {"source": list(src), "seq": list(seq)})
@@ -156,8 +175,10 @@ def run(cfg: Config) -> int:
         while storage.step(DRAIN_QUIET_MS):  # finish what is already on its way
             pass
     finally:
-        storage.db.close()
-        rt.close()
+        try:
+            storage.close()
+        finally:
+            rt.close()
     log.info("storage stopped: %d readings stored, %d lines rejected",
              rt.counters["readings_stored"], rt.counters["lines_rejected"])
     return 0
