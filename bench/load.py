@@ -65,11 +65,11 @@ def send(port: int, payloads: list[bytes], rate_per_conn: float | None) -> dict:
 
     def run(sock: socket.socket, payload: bytes) -> None:
         try:
+            # slices made before the clock starts, like the payloads
+            ends = [len(payload)] if rate_per_conn is None else _slice_ends(payload,
+                                                                            rate_per_conn)
             start.wait()
-            if rate_per_conn is None:
-                sock.sendall(payload)
-            else:
-                _paced(sock, payload, rate_per_conn)
+            _send_paced(sock, payload, ends)
             sock.shutdown(socket.SHUT_WR)
             sock.recv(1)  # wait for ingest to close: it has read everything
         except OSError as exc:
@@ -92,29 +92,26 @@ def send(port: int, payloads: list[bytes], rate_per_conn: float | None) -> dict:
             "lines": sum(p.count(b"\n") for p in payloads)}
 
 
-def _paced(sock: socket.socket, payload: bytes, rate: float) -> None:
-    """Send in 10 ms slices of whole lines at ``rate`` lines/s."""
+def _slice_ends(payload: bytes, rate: float) -> list[int]:
+    """Where the 10 ms slices of whole lines end, for ``rate`` lines/s."""
     per_slice = max(1, int(rate / 100))
-    ends, pos = [], 0
-    while pos < len(payload):
-        cut = pos
-        for _ in range(per_slice):
-            nxt = payload.find(b"\n", cut) + 1
-            if nxt <= 0:
-                cut = len(payload)
-                break
-            cut = nxt
-            if cut >= len(payload):
-                break
-        ends.append(cut)
-        pos = cut
+    ends = np.flatnonzero(np.frombuffer(payload, np.uint8) == 10) + 1
+    cuts = ends[per_slice - 1 :: per_slice].tolist()
+    if not cuts or cuts[-1] != len(payload):
+        cuts.append(len(payload))
+    return cuts
+
+
+def _send_paced(sock: socket.socket, payload: bytes, ends: list[int]) -> None:
+    """Send slice ``i`` (up to ``ends[i]``) 10 ms after slice ``i - 1`` was due; one slice:
+    all at once. A slice due while the previous send was still blocked goes at once."""
+    view = memoryview(payload)
     begin, start = time.perf_counter(), 0
     for i, end in enumerate(ends):
-        due = begin + i * 0.01
-        delay = due - time.perf_counter()
+        delay = begin + i * 0.01 - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
-        sock.sendall(payload[start:end])
+        sock.sendall(view[start:end])
         start = end
 
 

@@ -458,8 +458,9 @@ def print_report(r: dict) -> None:
         f"{k.replace('_', ' ')} {v[0]} / {v[1]}" for k, v in lat["stages_ms"].items()))
     print(f"overload: {ov['offered_lines_per_s']:,} lines/s offered (2x) from "
           f"{ov['connections']} connections with ingest.max_buffer_mb {ov['max_buffer_mb']}: "
-          f"accepted {ov['accepted_lines_per_s']:,} lines/s, ingest held at most "
-          f"{ov['ingest_held_max_mb']} MB and paused reading {ov['backpressure_pauses']} times;"
+          f"accepted {ov['accepted_lines_per_s']:,} lines/s, ingest's buffer (lines it held, "
+          f"sampled) at most {ov['ingest_held_max_mb']} MB; it paused reading "
+          f"{ov['backpressure_pauses']} times;"
           f" all {ov['readings_in_db']:,} of {ov['lines']:,} stored "
           f"{ov['stored_seconds_after_last_byte']} s after the last byte; plotter "
           f"{ov['plotter_frames_per_s']} frames/s")

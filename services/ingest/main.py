@@ -197,7 +197,7 @@ class Ingest:
         """Turn what waits into a numbered batch and hand batches to the bus."""
         if self.chunks or self.rejects:
             self.last_flush = time.monotonic()
-            seq = self.pub.take_seq(topics.RAW)
+            seq = self.pub.seq[topics.RAW]  # taken only once the journal has the batch
             peers, times, blocks = zip(*self.chunks, strict=True) if self.chunks else ((),) * 3
             data = {"peer": list(peers), "t_recv": np.array(times, dtype=np.float64),
                     "data": list(blocks)}
@@ -206,6 +206,7 @@ class Ingest:
                 data["too_long"] = {"line": list(line), "message": list(message),
                                     "peer": list(peer), "t_recv": list(t_recv)}
             self.journal.append(seq, data)  # on disk before anyone can see it
+            self.pub.take_seq(topics.RAW)  # (a failed append leaves no gap in the numbers)
             if not self.unacked:  # the ack clock starts with the first batch out
                 self.last_progress = time.monotonic()
             self.unacked[seq] = (data, self.pending_lines, self.pending_bytes)

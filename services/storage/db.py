@@ -79,6 +79,8 @@ class Database:
         # own runs (with its own connection, outside the GIL), so commits never wait for one.
         self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.execute("PRAGMA wal_autocheckpoint=0")
+        # parameters one statement may bind: 32766 since SQLite 3.32, 999 before
+        self.max_params = self.conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
         self.path = path
         self._stop = threading.Event()
         self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="checkpoint",
@@ -132,12 +134,14 @@ class Database:
         (bench/run.py measures both). What is left of a batch goes in smaller statements, so
         only three statement shapes exist per table, all kept in the connection's cache."""
         width = len(names)
+        most = min(ROWS_PER_STATEMENT[0], self.max_params // width)  # SQLite's bound
+        shapes = (most, *(r for r in ROWS_PER_STATEMENT[1:] if r < most))
         flat = np.empty(len(columns[0]) * width, dtype=object)
         for j, col in enumerate(columns):
             flat[j::width] = col.tolist() if isinstance(col, np.ndarray) else col
         values = flat.tolist()
         pos = 0  # in values
-        for rows in ROWS_PER_STATEMENT:
+        for rows in shapes:
             step = rows * width
             end = pos + (len(values) - pos) // step * step
             if end > pos:
@@ -191,8 +195,8 @@ class Writer:
     statement (a thousand rows at a time here), so the next batch is parsed and published on
     the main thread while this one goes into the database: storage uses a second core.
     At most ``depth`` batches wait; ``submit`` blocks beyond that, so the bus queues instead
-    (and ingest, whose unacked lines are capped, feels it). A failed write is raised again in
-    the caller's thread, by the next ``submit`` or ``completed``."""
+    (and ingest, whose unacked lines are capped, feels it). A failed write stops the thread;
+    ``check`` (and ``submit``) raise it again in the caller's thread."""
 
     def __init__(self, db: Database, depth: int = 2):
         self.db = db
@@ -205,18 +209,12 @@ class Writer:
 
     def submit(self, tag, *args) -> None:
         """Queue ``db.write(*args)``; ``tag`` comes back from ``completed`` once committed."""
-        while True:
-            self._check()
-            try:
-                self.jobs.put((tag, args), timeout=0.5)
-                break
-            except queue.Full:
-                continue
+        self._put((tag, args))
         self.in_flight += 1
 
     def completed(self) -> list:
-        """The tags of the writes committed since the last call, in order."""
-        self._check()
+        """The tags of the writes committed since the last call, in order (also after a
+        failure: what was committed before it)."""
         tags = []
         while True:
             try:
@@ -225,12 +223,29 @@ class Writer:
                 self.in_flight -= len(tags)
                 return tags
 
+    def check(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"database write failed: {self.error!r}") from self.error
+
     def close(self) -> None:
-        """Finish every queued write (then ``completed`` returns the last tags)."""
-        if self.thread.is_alive():
-            self.jobs.put(None)
-            self.thread.join()
-        self._check()
+        """Finish every queued write (``completed`` then returns the last tags); stops at once
+        if the thread has failed."""
+        try:
+            self._put(None)
+        except RuntimeError:
+            pass  # the thread has stopped; ``check`` says why
+        self.thread.join()
+
+    def _put(self, item) -> None:
+        """Put, blocking while the queue is full, unless the thread fails meanwhile (nobody
+        would take from the queue again)."""
+        while True:
+            self.check()
+            try:
+                self.jobs.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
 
     def _run(self) -> None:
         while (job := self.jobs.get()) is not None:
@@ -241,10 +256,6 @@ class Writer:
                 self.error = exc
                 return
             self.done.put(tag)
-
-    def _check(self) -> None:
-        if self.error is not None:
-            raise RuntimeError(f"database write failed: {self.error!r}") from self.error
 
 
 @functools.cache

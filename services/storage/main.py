@@ -47,6 +47,7 @@ class Storage:
         if msgs:
             self.handle(msgs)
         self.finish(self.writer.completed())
+        self.writer.check()  # a failed write ends the service (ingest resends what it lost)
         return len(msgs)
 
     def finish(self, batches) -> None:
@@ -58,9 +59,13 @@ class Storage:
                 self.ack(seen)
 
     def close(self) -> None:
-        self.writer.close()
-        self.finish(self.writer.completed())
-        self.db.close()
+        """Commit (and ack) what the writer holds, then close the database."""
+        try:
+            self.writer.close()
+            self.finish(self.writer.completed())
+            self.writer.check()
+        finally:
+            self.db.close()
 
     def handle(self, msgs: list[Message]) -> None:
         metres, stamps, values, recv_times = [], [], [], []
@@ -172,7 +177,8 @@ def run(cfg: Config) -> int:
         while not rt.stopping.is_set():
             storage.step(100)
             rt.tick()
-        while storage.step(DRAIN_QUIET_MS):  # finish what is already on its way
+        # finish what is already on its way: until the bus is quiet and all is committed
+        while storage.step(DRAIN_QUIET_MS) or storage.writer.in_flight:
             pass
     finally:
         try:

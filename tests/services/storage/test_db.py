@@ -1,5 +1,6 @@
 """The storage database on real SQLite files: many-row INSERTs and the writer thread."""
 
+import contextlib
 import sqlite3
 
 import numpy as np
@@ -71,8 +72,39 @@ def test_a_failed_write_is_raised_on_the_callers_thread(tmp_path):
     writer.submit("bad", bad, None, None)
     writer.thread.join(timeout=10)  # the writer stops at the failure
     assert not writer.thread.is_alive()
+    assert writer.completed() == []
     with pytest.raises(RuntimeError, match="database write failed"):
-        writer.completed()
+        writer.check()
     with pytest.raises(RuntimeError, match="database write failed"):
         writer.submit("next", readings(1), None, None)
+    writer.close()  # returns at once: the thread has stopped
+    db.close()
+
+
+def test_close_returns_when_the_writer_fails_with_a_full_queue(tmp_path):
+    db = Database(str(tmp_path / "w.db"), METERS)
+    writer = Writer(db, depth=1)
+    bad = (np.array([5]), np.array([1]), np.array([1.0]))
+    writer.submit("ok", readings(300_000), None, None)  # slow enough for the queue to fill
+    writer.submit("bad", bad, None, None)
+    with contextlib.suppress(RuntimeError):  # (raised if the failure came first)
+        writer.submit("never", readings(10, 300_000), None, None)  # waits in the full queue
+    writer.close()  # must not wait forever for a thread that has stopped
+    assert writer.completed() == ["ok"]
+    with pytest.raises(RuntimeError, match="database write failed"):
+        writer.check()
+    db.close()
+
+
+def test_statements_fit_a_small_parameter_limit(tmp_path):
+    # SQLite before 3.32 allowed 999 parameters per statement: 5 columns -> 199 rows at most
+    db = Database(str(tmp_path / "w.db"), METERS)
+    db.conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+    db.max_params = 999
+    cols = {"circuit": np.array([b"main"] * 1234), "v_meter": np.array([b"10.0.0.1"] * 1234),
+            "a_meter": np.array([b"10.0.0.2"] * 1234), "ts_us": np.arange(1234),
+            "watts": np.ones(1234), "volts": np.ones(1234), "amps": np.ones(1234)}
+    db.write(readings(2345), [cols], None)
+    assert db.conn.execute("SELECT count(*) FROM readings").fetchone()[0] == 2345
+    assert db.conn.execute("SELECT count(*) FROM power").fetchone()[0] == 1234
     db.close()
