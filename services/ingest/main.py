@@ -5,10 +5,9 @@ Per chunk received (not per line): split off the unfinished last line, cut over-
 made as soon as the event loop has handled what its sockets had ready (so a busy loop makes
 big batches and a quiet one sends at once), at most one per ``flush_ms``, and whenever
 ``batch_lines`` lines wait; it is numbered, written to the journal, sent, and kept until
-storage acks it (resent when acks stop coming). While nobody
-listens on ``raw`` or the bus is full, batches wait; once what ingest holds passes
-``max_buffer_mb``, connections stop being read, so meters feel TCP backpressure instead of
-losing lines.
+storage acks it (resent when acks stop coming). While nobody listens on ``raw`` or the bus is
+full, batches wait; once what ingest holds passes ``max_buffer_mb``, connections stop being
+read, so meters feel TCP backpressure instead of losing lines.
 """
 
 from __future__ import annotations
@@ -283,7 +282,7 @@ class Ingest:
         self.last_progress = now
         self.resend_after = min(self.resend_after * 2, MAX_RESEND_S)
 
-    async def flusher(self) -> None:
+    async def housekeeper(self) -> None:
         while not self.rt.stopping.is_set():
             await asyncio.sleep(HOUSEKEEPING_S)
             try:
@@ -328,7 +327,7 @@ async def serve(rt: Runtime, journal: Journal) -> None:
     )
     log.info("ingest listening on %s:%s (max_line %d, batch <= %d lines, >= %s ms apart)",
              cfg["host"], cfg["port"], cfg["max_line"], cfg["batch_lines"], cfg["flush_ms"])
-    flusher = asyncio.create_task(ingest.flusher())
+    housekeeper = asyncio.create_task(ingest.housekeeper())
     while not rt.stopping.is_set():
         await asyncio.sleep(0.05)
     server.close()  # stop accepting; read what the open connections still send
@@ -337,7 +336,7 @@ async def serve(rt: Runtime, journal: Journal) -> None:
         await asyncio.wait_for(ingest.idle.wait(), STOP_GRACE_S)
     except TimeoutError:
         log.info("stopping with %d connections still open", ingest.connections)
-    flusher.cancel()
+    housekeeper.cancel()
     await ingest.drain(cfg["stop_timeout_s"])
     log.info("ingest stopped: %d lines in, %d confirmed stored or rejected by storage",
              rt.counters["lines_in"], rt.counters["lines_acked"])

@@ -3,10 +3,9 @@
 
 Many bus messages go into one database transaction when they queue up; a writer thread commits
 it while the main thread parses and publishes the next (acks follow the commit). Each ingest
-stream is
-applied once and in order: its last applied sequence number is written in the same
-transaction as its rows, so a crash at any point leaves the database consistent with what
-was acked, and ingest resends the rest."""
+stream is applied once and in order: its last applied sequence number is written in the same
+transaction as its rows, so a crash at any point leaves the database consistent with what was
+acked, and ingest resends the rest."""
 
 from __future__ import annotations
 
