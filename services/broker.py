@@ -8,7 +8,7 @@ import threading
 import zmq
 
 from shared.config import Config
-from shared.service import Runtime
+from shared.service import CannotStart, Runtime, broker_port, tcp_endpoint
 
 log = logging.getLogger("broker")
 
@@ -25,8 +25,17 @@ def run(cfg: Config) -> int:
         sock.setsockopt(zmq.SNDHWM, cfg.bus["hwm"])
         sock.setsockopt(zmq.RCVHWM, cfg.bus["hwm"])
         sock.setsockopt(zmq.LINGER, 0)
-    xsub.bind(cfg.broker["xsub_bind"])
-    xpub.bind(cfg.broker["xpub_bind"])
+    for sock, key in ((xsub, "xsub_bind"), (xpub, "xpub_bind")):
+        try:
+            sock.bind(cfg.broker[key])
+        except zmq.ZMQError as exc:
+            xsub.close(linger=0)
+            xpub.close(linger=0)
+            rt.close()
+            where = tcp_endpoint(cfg.broker[key])
+            if where is None:
+                raise CannotStart(f"broker cannot bind {cfg.broker[key]} (broker.{key}): {exc}")
+            raise CannotStart(broker_port(key, *where).explain(str(exc)))
     control_addr = f"inproc://broker-control-{id(rt)}"
     control = rt.ctx.socket(zmq.PAIR)
     control.bind(control_addr)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
 
 from shared import config as config_mod
 from shared import topics
-from shared.service import setup_logging
+from shared.service import EXIT_CANNOT_START, CannotStart, setup_logging
 
 SERVICES = ("broker", "ingest", "storage", "power", "plotter")
 log = logging.getLogger("wattflow")
@@ -94,11 +95,22 @@ def main(argv: list[str] | None = None) -> int:
         log.info("config: %s", cfg.source)
         try:
             return _service(args.command)(cfg)
+        except CannotStart as exc:
+            log.error("%s", exc)
+            return EXIT_CANNOT_START
         except OSError as exc:
             log.error("%s cannot start: %s", args.command, exc)
             return 1
     return {"up": cmd_up, "simulate": cmd_simulate, "tap": cmd_tap, "status": cmd_status,
             "health": cmd_health}[args.command](cfg, args)
+
+
+def _sigterm_like_ctrl_c() -> None:
+    """Long-running commands stop on SIGTERM as on Ctrl-C (a container's `stop` sends SIGTERM,
+    and as PID 1 a process that does not handle it is never stopped by it)."""
+    def handle(_signum, _frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, handle)
 
 
 def cmd_up(cfg, args) -> int:
@@ -110,6 +122,7 @@ def cmd_up(cfg, args) -> int:
 def cmd_simulate(cfg, args) -> int:
     from services.simulator import simulate
 
+    _sigterm_like_ctrl_c()
     meters = list(cfg.meters[: args.meters] if args.meters else cfg.meters)
     try:
         simulate(meters, args.host, args.port or cfg.ingest["port"], args.rate, args.duration,
@@ -126,6 +139,7 @@ def cmd_tap(cfg, args) -> int:
     from shared.bus import Subscriber
     from shared.messages import to_jsonable
 
+    _sigterm_like_ctrl_c()
     ctx = zmq.Context()
     sub = Subscriber(ctx, cfg.bus["subscribe"], [topics.BY_NAME[t] for t in args.topics])
     deadline = time.monotonic() + args.timeout if args.timeout else None
@@ -162,7 +176,11 @@ def cmd_tap(cfg, args) -> int:
 def cmd_status(cfg, args) -> int:
     from services.status import status
 
-    return status(cfg, args.json, args.wait, args.watch)
+    _sigterm_like_ctrl_c()
+    try:
+        return status(cfg, args.json, args.wait, args.watch)
+    except KeyboardInterrupt:
+        return 0
 
 
 def cmd_health(cfg, args) -> int:

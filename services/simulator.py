@@ -102,10 +102,11 @@ def simulate(meters: list[Meter], host: str, port: int, rate: float, duration: f
         for t in threads:
             while t.is_alive():
                 t.join(0.2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see cli)
         stop.set()
+        deadline = time.monotonic() + 5  # a send blocked by backpressure must not hold us
         for t in threads:
-            t.join()
+            t.join(max(0.0, deadline - time.monotonic()))
     if errors:
         raise ConnectionError(f"simulated meters could not send to {host}:{port}: {errors[0]}")
     log.info("simulation sent %d lines", sum(totals))

@@ -34,11 +34,12 @@ def collect(cfg: Config, wait_s: float) -> dict[str, dict]:
 def render(latest: dict[str, dict]) -> str:
     if not latest:
         return "no stats received: is the broker running, and are services connected to it?"
-    lines = [f"{'SERVICE':<9} {'INSTANCE':<34} {'UP(s)':>8}  COUNTERS"]
+    lines = [f"{'SERVICE':<9} {'INSTANCE':<34} {'UP(s)':>8} {'RESTARTS':>8}  COUNTERS"]
     for src, s in sorted(latest.items(), key=lambda kv: (kv[1].get("service", ""), kv[0])):
         counters = " ".join(f"{k}={v}" for k, v in sorted(s.get("counters", {}).items()))
         gauges = " ".join(f"{k}={v}" for k, v in sorted(s.get("gauges", {}).items()))
-        lines.append(f"{s.get('service', '?'):<9} {src:<34} {s.get('uptime_s', 0):>8}  "
+        lines.append(f"{s.get('service', '?'):<9} {src:<34} {s.get('uptime_s', 0):>8} "
+                     f"{s.get('restarts', 0):>8}  "
                      f"{counters} {gauges}".rstrip())
     return "\n".join(lines)
 

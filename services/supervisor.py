@@ -1,8 +1,14 @@
 """``wattflow up``: every service as a local process, logs merged with a prefix, one stop.
 
+Before anything starts, every port the stack binds is checked: a taken port stops ``up`` at
+once with the port, the config key and the environment variable that change it.
+
 Stop order keeps data: meters (simulator) first, then ingest (it publishes what it holds),
 then storage, power and plotter together (each drains its queue until quiet), broker last.
-A service that dies is restarted after a pause, and said so in the log.
+A service that crashes is restarted with a growing pause (1 s, doubling up to 30 s; back to
+1 s once it has run a minute); each restart count reaches the service (``WATTFLOW_RESTARTS``)
+and shows in ``wattflow status``. A service that exits with ``EXIT_CANNOT_START`` (a port
+taken, a folder it may not write) is not restarted: ``up`` stops everything and says why.
 """
 
 from __future__ import annotations
@@ -16,10 +22,13 @@ import threading
 import time
 
 from shared.config import Config
+from shared.service import EXIT_CANNOT_START, bound_ports, port_taken
 
 log = logging.getLogger("up")
 STOP_WAVES = (("simulate",), ("ingest",), ("storage", "power", "plotter"), ("broker",))
-RESTART_PAUSE_S = 1.0
+FIRST_PAUSE_S = 1.0
+MAX_PAUSE_S = 30.0
+STABLE_S = 60.0  # a service that ran this long starts its back-off afresh when it crashes
 
 
 class Supervisor:
@@ -33,8 +42,13 @@ class Supervisor:
             self.names.append("simulate")
         self.simulate_rate = simulate_rate
         self.procs: dict[str, subprocess.Popen] = {}
+        self.started_at: dict[str, float] = {}
+        self.restarts: dict[str, int] = dict.fromkeys(self.names, 0)
+        self.pause: dict[str, float] = dict.fromkeys(self.names, FIRST_PAUSE_S)
+        self.due: dict[str, float] = {}  # crashed services: when to start them again
         self.stopping = threading.Event()
         self.out_lock = threading.Lock()
+        self.failed: str | None = None
 
     def command(self, name: str) -> list[str]:
         cmd = [sys.executable, "-m", "services", name]
@@ -43,12 +57,14 @@ class Supervisor:
         return cmd
 
     def start(self, name: str) -> None:
-        proc = subprocess.Popen(self.command(name), env=self.env, stdout=subprocess.PIPE,
+        env = dict(self.env, WATTFLOW_RESTARTS=str(self.restarts[name]))
+        proc = subprocess.Popen(self.command(name), env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 # own process group: Ctrl-C reaches only us, and we stop the
                                 # services in an order that loses nothing
                                 process_group=0)
         self.procs[name] = proc
+        self.started_at[name] = time.monotonic()
         threading.Thread(target=self.pump, args=(name, proc), daemon=True).start()
 
     def pump(self, name: str, proc: subprocess.Popen) -> None:
@@ -57,6 +73,16 @@ class Supervisor:
             with self.out_lock:
                 sys.stdout.buffer.write(prefix + line)
                 sys.stdout.buffer.flush()
+
+    def preflight(self) -> bool:
+        """Every port the stack binds must be free: say which is not, and how to change it."""
+        ok = True
+        for port in bound_ports(self.cfg):
+            reason = port_taken(port.host, port.port)
+            if reason:
+                log.error("cannot start: %s", port.explain(reason))
+                ok = False
+        return ok
 
     def run(self) -> int:
         def handle(signum, _frame):
@@ -68,24 +94,44 @@ class Supervisor:
 
         signal.signal(signal.SIGINT, handle)
         signal.signal(signal.SIGTERM, handle)
+        if not self.preflight():
+            return 2
         for name in self.names:
             self.start(name)
         log.info("wattflow up: meters -> tcp port %s, charts -> %s/power.png, database -> %s; "
                  "Ctrl-C stops", self.cfg.ingest["port"], self.cfg.plotter["dir"],
                  self.cfg.storage["path"])
-        while not self.stopping.wait(0.5):
-            for name, proc in list(self.procs.items()):
-                code = proc.poll()
-                if code is None:
-                    continue
-                if name == "simulate" and code == 0:
-                    del self.procs[name]
-                    continue
-                log.error("%s exited with code %s; restarting in %ss", name, code,
-                          RESTART_PAUSE_S)
-                time.sleep(RESTART_PAUSE_S)
+        while not self.stopping.wait(0.2):
+            self.watch()
+        code = self.stop()
+        return 1 if self.failed else code
+
+    def watch(self) -> None:
+        now = time.monotonic()
+        for name, when in list(self.due.items()):
+            if now >= when:
+                del self.due[name]
                 self.start(name)
-        return self.stop()
+        for name, proc in list(self.procs.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            del self.procs[name]
+            if name == "simulate" and code == 0:
+                continue
+            if code == EXIT_CANNOT_START:
+                log.error("%s cannot start (see its message above): stopping everything", name)
+                self.failed = name
+                self.stopping.set()
+                return
+            if now - self.started_at[name] >= STABLE_S:
+                self.pause[name] = FIRST_PAUSE_S
+            pause = self.pause[name]
+            self.pause[name] = min(pause * 2, MAX_PAUSE_S)
+            self.restarts[name] += 1
+            log.error("%s exited with code %s (crash %d): restarting in %gs", name, code,
+                      self.restarts[name], pause)
+            self.due[name] = now + pause
 
     def stop(self) -> int:
         log.info("stopping: meters, ingest, then storage/power/plotter, broker last")

@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,70 @@ from shared.bus import Publisher, Subscriber
 from shared.config import Config
 
 log = logging.getLogger(__name__)
+# exit code of a service that cannot start for a reason a restart will not mend (a port taken,
+# a folder it may not write): `wattflow up` stops instead of restarting it (sysexits EX_CONFIG)
+EXIT_CANNOT_START = 78
+
+
+class CannotStart(Exception):
+    """A service cannot start; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Port:
+    """A TCP port the stack binds, with the config key that sets it."""
+
+    what: str  # e.g. "ingest (meters' TCP port)"
+    host: str
+    port: int
+    key: str  # config key, e.g. ingest.port
+    also: str = ""  # what must change with it
+
+    def explain(self, reason: str) -> str:
+        env = "WATTFLOW_" + self.key.replace(".", "_").upper()
+        return (f"{self.what} cannot bind {self.host or '*'}:{self.port}: {reason}. "
+                f"Another program has that port; choose another with {self.key} in the config "
+                f"or {env}=...{self.also}")
+
+
+def tcp_endpoint(endpoint: str) -> tuple[str, int] | None:
+    """(host, port) of a ``tcp://host:port`` ZeroMQ endpoint (``*`` -> all), else None."""
+    if not endpoint.startswith("tcp://"):
+        return None
+    host, _, port = endpoint[len("tcp://"):].rpartition(":")
+    if not port.isdigit():
+        return None
+    return ("" if host == "*" else host.strip("[]")), int(port)
+
+
+def bound_ports(cfg: Config) -> list[Port]:
+    """Every TCP port the stack's services bind."""
+    ports = []
+    for key in ("xsub_bind", "xpub_bind"):
+        where = tcp_endpoint(cfg.broker[key])
+        if where:
+            ports.append(broker_port(key, *where))
+    ports.append(Port("ingest (the meters' TCP port)", cfg.ingest["host"], cfg.ingest["port"],
+                      key="ingest.port"))
+    return ports
+
+
+def broker_port(key: str, host: str, port: int) -> Port:
+    match = "bus.publish" if key == "xsub_bind" else "bus.subscribe"
+    return Port(f"broker ({key})", host, port, f"broker.{key}",
+                also=f" (and {match} to match, where the services connect)")
+
+
+def port_taken(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be bound now (as the services bind it), or None if it can."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -49,6 +114,7 @@ class Runtime:
         self._stats_pub: Publisher | None = None
         self._next_tick = 0.0
         self._started = time.time()
+        self.restarts = int(os.environ.get("WATTFLOW_RESTARTS", "0") or 0)  # from `wattflow up`
         run_dir = Path(cfg.runtime["run_dir"])
         run_dir.mkdir(parents=True, exist_ok=True)
         self.heartbeat_file = run_dir / f"{name}.heartbeat"
@@ -99,6 +165,7 @@ class Runtime:
             "id": self.src,
             "pid": os.getpid(),
             "uptime_s": round((now or time.time()) - self._started, 1),
+            "restarts": self.restarts,
             "counters": dict(self.counters, gaps=gaps, repeats=repeats),
             "gauges": self.gauges,
             # topics someone listens to (through the broker): who downstream is connected

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 from collections import OrderedDict
@@ -23,7 +24,7 @@ import numpy as np
 from services.ingest.journal import Journal
 from shared import parsing, topics
 from shared.config import Config
-from shared.service import Runtime
+from shared.service import CannotStart, Port, Runtime
 
 log = logging.getLogger("ingest")
 READ_SIZE = 1 << 16
@@ -322,9 +323,12 @@ class Ingest:
 async def serve(rt: Runtime, journal: Journal) -> None:
     ingest = Ingest(rt, journal)
     cfg = rt.cfg.ingest
-    server = await asyncio.start_server(
-        ingest.handle, cfg["host"], cfg["port"], limit=READ_SIZE, reuse_address=True, backlog=1024
-    )
+    try:
+        server = await asyncio.start_server(ingest.handle, cfg["host"], cfg["port"],
+                                            limit=READ_SIZE, reuse_address=True, backlog=1024)
+    except OSError as exc:
+        port = Port("ingest (the meters' TCP port)", cfg["host"], cfg["port"], "ingest.port")
+        raise CannotStart(port.explain(os.strerror(exc.errno) if exc.errno else str(exc))) from exc
     log.info("ingest listening on %s:%s (max_line %d, batch <= %d lines, >= %s ms apart)",
              cfg["host"], cfg["port"], cfg["max_line"], cfg["batch_lines"], cfg["flush_ms"])
     housekeeper = asyncio.create_task(ingest.housekeeper())

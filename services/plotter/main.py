@@ -21,7 +21,7 @@ import numpy as np
 
 from shared import topics
 from shared.config import Config
-from shared.service import Runtime
+from shared.service import CannotStart, Runtime
 
 log = logging.getLogger("plotter")
 
@@ -111,6 +111,7 @@ class Renderer:
         self.fig = None
         self.lines: dict[tuple[str, str], object] = {}  # (panel, label) -> Line2D
         self.legend_keys: tuple = ()
+        self.waiting = None  # the "waiting for data" text, while there is none
 
     def _setup(self) -> None:
         fig, axes = self.plt.subplots(3, 1, figsize=(11, 8.5), sharex=True,
@@ -136,11 +137,24 @@ class Renderer:
             self.lines[(panel, label)] = line
         return line
 
+    def _waiting(self, empty: bool) -> None:
+        """Before the first power point: say so on the chart, so a new user sees it works."""
+        if empty and self.waiting is None:
+            self.waiting = self.axes["p"].text(
+                0.5, 0.5, "waiting for data: no power points yet\n"
+                f"(since {time.strftime('%H:%M:%S')}; point meters at the ingest port)",
+                transform=self.axes["p"].transAxes, ha="center", va="center", fontsize=13,
+                color="0.35")
+        elif not empty and self.waiting is not None:
+            self.waiting.remove()
+            self.waiting = None
+
     def render(self, series: dict[str, list[np.ndarray]],
                v_meters: dict[str, str] | None = None) -> Path:
         if self.fig is None:
             self._setup()
         series = {k: v for k, v in series.items() if len(v[0])}
+        self._waiting(not series)
         span = max((d[0][-1] - d[0][0] for d in series.values()), default=0)
         step = max(int(span / 600), 100_000)
         shown = sorted(series, key=lambda k: -float(series[k][1][-1]))[:MAX_LINES]
@@ -164,7 +178,7 @@ class Renderer:
             used.add(("p", "total"))
         for key in [k for k in self.lines if k not in used]:  # circuits no longer shown
             self.lines.pop(key).remove()
-        title = "wattflow: power per circuit and total"
+        title = "wattflow: power per circuit and total" if series else "wattflow: no data yet"
         if len(series) > len(shown):
             title += f" ({len(shown)} of {len(series)} circuits drawn; total covers all)"
         self.axes["p"].set_title(title)
@@ -200,18 +214,20 @@ def run(cfg: Config) -> int:
     rt.install_signals()
     pc = cfg.plotter
     window = Window(pc["window_s"], keep=4 * pc["max_points"])
-    renderer = Renderer(pc["dir"], pc["max_points"])
-    if not os.access(renderer.out, os.W_OK):
-        log.error("cannot write charts to %s as uid %d: give that folder to this user (in "
-                  "compose: WATTFLOW_UID/WATTFLOW_GID, or chown 10001 the plots folder)",
-                  renderer.out.resolve(), os.getuid())
+    try:
+        renderer = Renderer(pc["dir"], pc["max_points"])
+        if not os.access(renderer.out, os.W_OK):
+            raise PermissionError(f"no write permission on {renderer.out.resolve()}")
+    except OSError as exc:
         rt.close()
-        return 1
+        raise CannotStart(f"plotter cannot write charts to {pc['dir']} as uid {os.getuid()}: "
+                          f"{exc}; give that folder to this user or set plotter.dir") from exc
     sub = rt.subscriber([topics.POWER])
     log.info("plotter up: %s/power.png every %ss, window %ss", pc["dir"], pc["interval_s"],
              pc["window_s"])
     changed, next_draw = False, 0.0
     try:
+        renderer.render({})  # "waiting for data" until the first power point
         while not rt.stopping.is_set():
             for msg in sub.recv_batch(50, 1000):
                 window.add(msg.data)
