@@ -140,6 +140,11 @@ class Renderer:
     def _waiting(self, empty: bool) -> None:
         """Before the first power point: say so on the chart, so a new user sees it works."""
         if empty and self.waiting is None:
+            now_us = time.time_ns() // 1000
+            self.axes["p"].set_xlim(_mpl_days(np.array([now_us - 300_000_000, now_us])))
+            for ax in self.axes.values():
+                ax.set_ylim(0, 1)
+                ax.set_yticklabels([])
             self.waiting = self.axes["p"].text(
                 0.5, 0.5, "waiting for data: no power points yet\n"
                 f"(since {time.strftime('%H:%M:%S')}; point meters at the ingest port)",
@@ -148,6 +153,9 @@ class Renderer:
         elif not empty and self.waiting is not None:
             self.waiting.remove()
             self.waiting = None
+            for ax in self.axes.values():
+                ax.autoscale(enable=True)
+                ax.yaxis.set_major_formatter(self.plt.matplotlib.ticker.ScalarFormatter())
 
     def render(self, series: dict[str, list[np.ndarray]],
                v_meters: dict[str, str] | None = None) -> Path:
