@@ -42,7 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # the latency phase's readings start this much after the throughput phase's: all newer
 LATENCY_T0 = T0 + 86_400 * 1_000_000
 # the stack runs the default meters and circuits (V meter 10.0.0.1 with each A meter)
-BENCH_CONFIG = {"runtime": {"stats_interval_s": 0.1}, "plotter": {"interval_s": 1.0}}
+BENCH_CONFIG = {"runtime": {"stats_interval_s": 0.1}, "plotter": {"interval_s": 1.0},
+                "storage": {"retention": {"readings_days": 0, "power_days": 0,
+                                          "rejected_days": 0, "rollup_1m_days": 0}}}
 
 
 def run_load(port: int, conns: int, ticks: int, rate: float | None = None,
@@ -119,7 +121,7 @@ def ref_executemany(rows: int, batch: int = 5000, per_statement: int = 1) -> flo
     """Rows/s into the storage schema's readings table, ``batch`` rows per transaction, by
     ``executemany`` of a one-row INSERT; or, with ``per_statement`` > 1, of an INSERT of that
     many rows (``VALUES (...), (...), ...``: what storage does)."""
-    from services.storage.db import SCHEMA
+    from shared.db.sqlite import SCHEMA
 
     sql = "INSERT INTO readings (meter_id, ts_us, value) VALUES " + ", ".join(
         ["(?, ?, ?)"] * per_statement)

@@ -34,8 +34,9 @@ def run(cfg: Config) -> int:
             rt.close()
             where = tcp_endpoint(cfg.broker[key])
             if where is None:
-                raise CannotStart(f"broker cannot bind {cfg.broker[key]} (broker.{key}): {exc}")
-            raise CannotStart(broker_port(key, *where).explain(str(exc)))
+                raise CannotStart(
+                    f"broker cannot bind {cfg.broker[key]} (broker.{key}): {exc}") from exc
+            raise CannotStart(broker_port(key, *where).explain(str(exc))) from exc
     control_addr = f"inproc://broker-control-{id(rt)}"
     control = rt.ctx.socket(zmq.PAIR)
     control.bind(control_addr)

@@ -193,6 +193,10 @@ def cmd_health(cfg, args) -> int:
     if age > args.max_age:
         print(f"{args.service}: heartbeat {age:.1f}s old (max {args.max_age}s)", file=sys.stderr)
         return 1
+    problem = path.read_text(errors="replace").strip()
+    if problem:
+        print(f"{args.service}: alive but {problem}", file=sys.stderr)
+        return 1
     print(f"{args.service}: alive (heartbeat {age:.1f}s ago)")
     return 0
 

@@ -50,8 +50,23 @@ DEFAULTS: dict[str, Any] = {
         "stop_timeout_s": 10.0,
         "journal_dir": "data/journal",
         "journal_fsync": False,
+        "unjournaled_kb": 512,
+        "unjournaled_kb_per_connection": 64,
     },
-    "storage": {"path": "data/wattflow.db", "batch_max": 10},
+    "storage": {
+        "url": None,
+        "path": "data/wattflow.db",
+        "batch_max": 10,
+        "wal_max_mb": 64,
+        "min_free_mb": 256,
+        "retention": {
+            "readings_days": 30,
+            "power_days": 30,
+            "rejected_days": 30,
+            "rollup_1m_days": 400,
+            "rollup_1h_days": 0,
+        },
+    },
     "power": {"max_time_diff": 0.5},
     "plotter": {"dir": "plots", "window_s": 300, "interval_s": 1.0, "max_points": 3000},
     "runtime": {"run_dir": "/tmp/wattflow", "log_level": "INFO", "stats_interval_s": 1.0},
@@ -125,31 +140,31 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _merge(raw: dict[str, Any], data: dict[str, Any]) -> None:
+def _merge(raw: dict[str, Any], data: dict[str, Any], prefix: str = "") -> None:
     for key, value in data.items():
         if isinstance(raw.get(key), dict):
             if not isinstance(value, dict):
-                raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+                raise ConfigError(f"{prefix}{key}: expected a mapping, got {value!r}")
             unknown = set(value) - set(raw[key])
             if unknown:
                 known = ", ".join(raw[key])
-                raise ConfigError(f"{key}.{sorted(unknown)[0]}: unknown key (known: {known})")
-            raw[key].update(value)
+                raise ConfigError(f"{prefix}{key}.{sorted(unknown)[0]}: unknown key "
+                                  f"(known: {known})")
+            _merge(raw[key], value, prefix=f"{prefix}{key}.")
         else:
             raw[key] = value
 
 
-def _apply_env(raw: dict[str, Any], env: dict[str, str]) -> None:
-    for section, value in raw.items():
-        if isinstance(value, dict):
-            for key in value:
-                name = f"{ENV_PREFIX}{section}_{key}".upper()
-                if name in env:
-                    value[key] = yaml.safe_load(env[name]) if env[name] else None
-        elif section not in ("meters", "circuits"):
-            name = f"{ENV_PREFIX}{section}".upper()
-            if name in env:
-                raw[section] = env[name]
+def _apply_env(raw: dict[str, Any], env: dict[str, str], prefix: str = ENV_PREFIX) -> None:
+    for key, value in raw.items():
+        name = f"{prefix}{key}".upper()
+        if isinstance(value, dict):  # a section, or a mapping inside one
+            _apply_env(value, env, name + "_")
+        elif prefix == ENV_PREFIX:  # top-level scalars are strings (meters_file)
+            if key not in ("meters", "circuits") and name in env:
+                raw[key] = env[name]
+        elif name in env:
+            raw[key] = yaml.safe_load(env[name]) if env[name] else None
 
 
 def _build(raw: dict[str, Any], source: str, base_dir: Path) -> Config:
@@ -301,6 +316,8 @@ _POSITIVE = {
     ("ingest", "max_buffer_mb"),
     ("ingest", "ack_timeout_s"),
     ("ingest", "stop_timeout_s"),
+    ("ingest", "unjournaled_kb"),
+    ("ingest", "unjournaled_kb_per_connection"),
     ("power", "max_time_diff"),
     ("plotter", "window_s"),
     ("plotter", "interval_s"),
@@ -334,6 +351,22 @@ def _check_sections(raw: dict[str, Any]) -> None:
         value = raw[section][key]
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{section}.{key}: expected a non-empty string, got {value!r}")
+    url = raw["storage"]["url"]
+    if url is not None and not (isinstance(url, str) and (
+            url.startswith(("sqlite:///", "postgresql://", "postgres://")))):
+        raise ConfigError(f"storage.url: expected sqlite:///PATH or postgresql://..., got {url!r}")
+    for key in ("wal_max_mb", "min_free_mb"):
+        value = _number(raw["storage"][key], f"storage.{key}")
+        if value < (1 if key == "wal_max_mb" else 0):
+            raise ConfigError(f"storage.{key}: expected a number of at least "
+                              f"{1 if key == 'wal_max_mb' else 0}, got {value!r}")
+        raw["storage"][key] = value
+    for key, value in raw["storage"]["retention"].items():
+        days = _number(value, f"storage.retention.{key}")
+        if days < 0:
+            raise ConfigError(f"storage.retention.{key}: expected days >= 0 (0: keep forever), "
+                              f"got {value!r}")
+        raw["storage"]["retention"][key] = days
     if not isinstance(raw["ingest"]["journal_fsync"], bool):
         value = raw["ingest"]["journal_fsync"]
         raise ConfigError(f"ingest.journal_fsync: expected true or false, got {value!r}")

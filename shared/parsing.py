@@ -36,7 +36,9 @@ UNKNOWN_METER = "unknown_meter"
 WRONG_UNIT = "wrong_unit"
 OUT_OF_RANGE = "out_of_range"
 TOO_LONG = "line_too_long"  # decided by ingest, which never forwards such a line whole
-REASONS = (MALFORMED, ENCODING, TIMESTAMP, VALUE, UNKNOWN_METER, WRONG_UNIT, OUT_OF_RANGE, TOO_LONG)
+TRUNCATED = "truncated"  # decided by ingest: a last line cut off by a connection's abrupt end
+REASONS = (MALFORMED, ENCODING, TIMESTAMP, VALUE, UNKNOWN_METER, WRONG_UNIT, OUT_OF_RANGE, TOO_LONG,
+           TRUNCATED)
 
 _TS_RE = re.compile(r"(\d{4})\.(\d\d)\.(\d\d) (\d\d):(\d\d):(\d\d)\.(\d{1,6})")
 _VALUE_RE = re.compile(r"\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*([^\W\d_]*)\s*")

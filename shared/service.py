@@ -115,6 +115,7 @@ class Runtime:
         self._next_tick = 0.0
         self._started = time.time()
         self.restarts = int(os.environ.get("WATTFLOW_RESTARTS", "0") or 0)  # from `wattflow up`
+        self.problem: str | None = None  # alive but not doing its job, and why
         run_dir = Path(cfg.runtime["run_dir"])
         run_dir.mkdir(parents=True, exist_ok=True)
         self.heartbeat_file = run_dir / f"{name}.heartbeat"
@@ -148,7 +149,9 @@ class Runtime:
         if now < self._next_tick:
             return
         self._next_tick = now + self.cfg.runtime["stats_interval_s"]
-        self.heartbeat_file.touch()
+        tmp = self.heartbeat_file.with_suffix(".tmp")
+        tmp.write_text(self.problem or "")  # `wattflow health` says what is wrong, if anything
+        tmp.replace(self.heartbeat_file)
         stats_pub = self._stats_pub or self.publisher()  # a service that only listens reports too
         stats_pub.send(topics.STATS, self.stats(now), block=False)
 

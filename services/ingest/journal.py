@@ -64,9 +64,10 @@ class Journal:
         self._write(path, messages.encode(self.id, seq, 0.0, data))
         self.files[seq] = path
 
-    def drop_through(self, seq: int, next_seq: int) -> None:
-        """Storage has every batch up to ``seq``: delete their files."""
-        done = [s for s in self.files if s <= seq]
+    def drop(self, seqs, next_seq: int) -> None:
+        """Storage has these batches: delete their files (and remember where numbering is, so
+        a restart with an empty journal never reuses a number)."""
+        done = [s for s in seqs if s in self.files]
         if not done:
             return
         self._write(self.dir / "next-seq", str(next_seq).encode())

@@ -2,60 +2,192 @@
 ``rejected``, and ``ack`` to ingest what is committed.
 
 Many bus messages go into one database transaction when they queue up; a writer thread commits
-it while the main thread parses and publishes the next (acks follow the commit). Each ingest
-stream is applied once and in order: its last applied sequence number is written in the same
-transaction as its rows, so a crash at any point leaves the database consistent with what was
-acked, and ingest resends the rest."""
+it while the main thread parses and publishes the next (acks follow the commit). Every batch
+carries its key (its stream's id and its number), written in the same transaction as its rows:
+a batch that comes again (resent by ingest, or applied meanwhile by another replica) is skipped,
+so a crash at any point leaves the database consistent with what was acked, and ingest resends
+the rest. Below ``storage.min_free_mb`` of free disk, storage takes no new batches (ingest
+keeps them journaled) until space returns; ``wattflow status`` and ``wattflow health storage``
+say why.
+"""
 
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 
-from services.storage.db import Database, Writer
+from services.storage.writer import Writer
 from shared import parsing, topics
 from shared.config import Config
+from shared.db import PowerBatch, RawBatch, Retention, open_database, storage_url
 from shared.messages import Message
 from shared.service import Runtime
 
 log = logging.getLogger("storage")
 DRAIN_QUIET_MS = 300  # on stop: wait this long with no message before closing
+GUARD_EVERY_S = 1.0  # free disk space looked at this often
 
 
 class Storage:
     def __init__(self, rt: Runtime):
         self.rt = rt
+        cfg = rt.cfg.storage
         self.table = parsing.MeterTable(rt.cfg.meters)
-        self.db = Database(rt.cfg.storage["path"], rt.cfg.meters)
+        self.db = open_database(storage_url(cfg), rt.cfg.meters, rt.cfg.circuits,
+                                Retention.from_config(cfg), wal_max_mb=cfg["wal_max_mb"])
         self.sub = rt.subscriber([topics.RAW, topics.POWER])
         self.pub = rt.publisher()
-        self.batch_max = rt.cfg.storage["batch_max"]
+        self.batch_max = cfg["batch_max"]
         self.writer = Writer(self.db)
-        # ingest run -> last raw batch taken (handed to the writer) / committed (acked)
-        self.applied = self.db.applied()
-        self.committed = dict(self.applied)
+        # stream -> every batch numbered up to this one is in the database (a cache: the
+        # database decides; this only spares parsing what is surely there)
+        self.lows = self.db.low_marks()
         # what the database holds in all (counters restart with the process; these do not)
         self.totals = self.db.totals()
+        self.min_free = int(cfg["min_free_mb"] * (1 << 20))
+        self.paused: str | None = None
+        self.next_guard = 0.0
         rt.gauges["db"] = self.totals
 
     def step(self, timeout_ms: int) -> int:
         if self.writer.in_flight:  # come back soon to ack what the writer commits
             timeout_ms = min(timeout_ms, 2)
-        msgs = self.sub.recv_batch(timeout_ms, self.batch_max)
+        self.guard()
+        msgs: list[Message] = []
+        if self.paused or self.writer.disk_full:
+            time.sleep(timeout_ms / 1000)
+        else:
+            msgs = self.sub.recv_batch(timeout_ms, self.batch_max)
         if msgs:
             self.handle(msgs)
         self.finish(self.writer.completed())
         self.writer.check()  # a failed write ends the service (ingest resends what it lost)
         return len(msgs)
 
-    def finish(self, batches) -> None:
+    def guard(self) -> None:
+        """Below ``min_free_mb`` of free disk: take no new batches until space returns."""
+        now = time.monotonic()
+        if now < self.next_guard:
+            return
+        self.next_guard = now + GUARD_EVERY_S
+        free = self.db.free_bytes()
+        state = self.db.upkeep_state()
+        self.rt.gauges.update(state)
+        if free is None:
+            return
+        self.rt.gauges["free_mb"] = round(free / (1 << 20), 1)
+        if not self.paused and free < self.min_free:
+            self.paused = (f"paused: {free / (1 << 20):.0f} MB free on the database's disk, "
+                           f"below storage.min_free_mb ({self.min_free / (1 << 20):.0f} MB)")
+            log.error("%s; ingest keeps the batches until space returns", self.paused)
+        elif self.paused and free >= self.min_free * 1.1 + (1 << 20):
+            log.warning("free disk space back (%.0f MB): taking batches again", free / (1 << 20))
+            self.paused = None
+        problem = self.paused or (f"disk full: {self.writer.disk_full}"
+                                  if self.writer.disk_full else None)
+        self.rt.problem = problem
+        self.rt.gauges["paused"] = problem
+
+    def handle(self, msgs: list[Message]) -> None:
+        batches: list[RawBatch | PowerBatch] = []
+        known: list[tuple[str, int]] = []  # raw batches surely in the database already
+        for msg in msgs:
+            if msg.topic == topics.POWER:
+                batches.append(PowerBatch(msg.data))
+            elif msg.seq <= self.lows.get(msg.src, -1):
+                known.append((msg.src, msg.seq))
+            else:
+                batches.append(self.parse(msg))
+        if known:
+            self.rt.counters["duplicates"] += len(known)
+            self.ack(known)
+        if not batches:
+            return
+        # Readings go out before the commit: power need not wait for the disk. Should this
+        # process die before committing, ingest resends the batch; power's result depends on
+        # the set of readings, not on how often one arrives.
+        self.publish([b for b in batches if isinstance(b, RawBatch)])
+        self.writer.submit(batches, batches)
+
+    def parse(self, msg: Message) -> RawBatch:
+        cols = msg.data
+        rejected = []
+        framed = cols.get("rejected")
+        if framed:  # ingest's framing decided these; stored and published like the rest
+            rejected.extend((float(t), peer, reason, message, ln) for ln, reason, message, peer, t
+                            in zip(framed["line"], framed["reason"], framed["message"],
+                                   framed["peer"], framed["t_recv"], strict=True))
+        batch = RawBatch(msg.src, msg.seq, cols.get("base", 0), _EMPTY_I, _EMPTY_I, _EMPTY_F,
+                         rejected)
+        if not cols["data"]:
+            return batch
+        # one parse per message: the chunks (each from one connection) joined
+        blocks = cols["data"]
+        chunk_of_line = np.repeat(np.arange(len(blocks)), [b.count(b"\n") for b in blocks])
+        parsed = parsing.parse_block(b"".join(blocks), self.table)
+        t_recv = cols["t_recv"]
+        batch.meter, batch.ts_us, batch.value = parsed.meter, parsed.ts_us, parsed.value
+        batch.t_recv = t_recv[chunk_of_line[parsed.line]]
+        for (line, r), i in zip(parsed.rejects, parsed.reject_lines, strict=True):
+            chunk = chunk_of_line[i]
+            rejected.append((float(t_recv[chunk]), cols["peer"][chunk], r.reason, r.message,
+                             line))
+        return batch
+
+    def publish(self, raws: list[RawBatch]) -> None:
+        with_readings = [b for b in raws if len(b.meter)]
+        if with_readings:
+            meter_idx = np.concatenate([b.meter for b in with_readings])
+            self.pub.send(topics.READING, {
+                "meter": self.table.names[meter_idx],
+                "unit": self.table.units[meter_idx],
+                "ts_us": np.concatenate([b.ts_us for b in with_readings]),
+                "value": np.concatenate([b.value for b in with_readings]),
+                "t_recv": np.concatenate([b.t_recv for b in with_readings]),
+            })
+        rejected = [r for b in raws for r in b.rejected]
+        if rejected:
+            t_recv, peer, reason, message, line = zip(*rejected, strict=True)
+            self.pub.send(topics.REJECTED, {"line": list(line), "reason": list(reason),
+                                            "message": list(message), "peer": list(peer),
+                                            "t_recv": np.array(t_recv)})
+
+    def finish(self, completed) -> None:
         """Count and ack what the writer has committed."""
-        for readings, power, rejected, applied, seen in batches:
-            self.committed.update(applied)
-            self._count(readings, power, rejected)
-            if seen:
-                self.ack(seen)
+        for batches, applied in completed:
+            keys = []
+            for b, fresh in zip(batches, applied, strict=True):
+                if isinstance(b, RawBatch):
+                    keys.append((b.source, b.seq))
+                    self.lows[b.source] = max(self.lows.get(b.source, -1), b.base - 1)
+                if fresh:
+                    self._count(b)
+                else:
+                    self.rt.counters["duplicates"] += 1
+            self.rt.counters["transactions"] += 1
+            if keys:
+                self.ack(keys)
+
+    def ack(self, keys: list[tuple[str, int]]) -> None:
+        source, seq = zip(*keys, strict=True)
+        self.pub.send(topics.ACK, {"source": list(source), "seq": list(seq)})
+
+    def _count(self, b: RawBatch | PowerBatch) -> None:
+        c, t = self.rt.counters, self.totals
+        if isinstance(b, PowerBatch):
+            n = len(b.points["ts_us"])
+            c["power_stored"] += n
+            t["power"] += n
+            return
+        c["readings_stored"] += len(b.meter)
+        t["readings"] += len(b.meter)
+        c["lines_rejected"] += len(b.rejected)
+        t["rejected"] += len(b.rejected)
+        for r in b.rejected:
+            c[f"rejected.{r[2]}"] += 1
+            t[f"rejected.{r[2]}"] = t.get(f"rejected.{r[2]}", 0) + 1
 
     def close(self) -> None:
         """Commit (and ack) what the writer holds, then close the database."""
@@ -66,112 +198,16 @@ class Storage:
         finally:
             self.db.close()
 
-    def handle(self, msgs: list[Message]) -> None:
-        metres, stamps, values, recv_times = [], [], [], []
-        rejected: list[tuple] = []
-        power: list[dict] = []
-        applied: dict[str, int] = {}
-        seen: set[str] = set()
-        for msg in msgs:
-            if msg.topic == topics.POWER:
-                power.append(msg.data)
-                continue
-            seen.add(msg.src)
-            if not self._in_order(msg, applied):
-                continue
-            applied[msg.src] = msg.seq
-            cols = msg.data
-            too_long = cols.get("too_long")
-            if too_long:  # ingest decided these; they are stored and published like the rest
-                rejected.extend(
-                    (t, peer, parsing.TOO_LONG, message, ln) for ln, message, peer, t in
-                    zip(too_long["line"], too_long["message"], too_long["peer"],
-                        too_long["t_recv"], strict=True))
-            if not cols["data"]:
-                continue
-            # one parse per message: the chunks (each from one connection) joined
-            blocks = cols["data"]
-            chunk_of_line = np.repeat(np.arange(len(blocks)),
-                                      [block.count(b"\n") for block in blocks])
-            parsed = parsing.parse_block(b"".join(blocks), self.table)
-            t_recv = cols["t_recv"]
-            metres.append(parsed.meter)
-            stamps.append(parsed.ts_us)
-            values.append(parsed.value)
-            recv_times.append(t_recv[chunk_of_line[parsed.line]])
-            for (line, r), i in zip(parsed.rejects, parsed.reject_lines, strict=True):
-                chunk = chunk_of_line[i]
-                rejected.append((float(t_recv[chunk]), cols["peer"][chunk], r.reason,
-                                 r.message, line))
-        readings = None
-        if metres:
-            readings = (np.concatenate(metres), np.concatenate(stamps), np.concatenate(values))
-        # Readings go out before the commit: power need not wait for the disk. Should this
-        # process die before committing, ingest resends the batch and power, which keeps the
-        # latest reading per meter by measurement time, ignores what it has seen.
-        self.publish(readings, recv_times, rejected)
-        self.writer.submit((readings, power, rejected, applied, seen),
-                           readings, power, rejected, applied)
-        self.applied.update(applied)
 
-    def publish(self, readings, recv_times, rejected) -> None:
-        if readings is not None and len(readings[0]):
-            meter_idx, ts_us, value = readings
-            self.pub.send(topics.READING, {
-                "meter": self.table.names[meter_idx],
-                "unit": self.table.units[meter_idx],
-                "ts_us": ts_us,
-                "value": value,
-                "t_recv": np.concatenate(recv_times),
-            })
-        if rejected:
-            t_recv, peer, reason, message, line = zip(*rejected, strict=True)
-            self.pub.send(topics.REJECTED, {"line": list(line), "reason": list(reason),
-                                            "message": list(message), "peer": list(peer),
-                                            "t_recv": np.array(t_recv)})
-
-    def _in_order(self, msg: Message, applied: dict[str, int]) -> bool:
-        """Apply each ingest run's batches once, in order. Anything else is dropped here and
-        comes again: ingest resends from the first batch it has no ack for."""
-        last = applied.get(msg.src, self.applied.get(msg.src))
-        if last is None:  # a new ingest run: start at the oldest batch it still holds
-            expected = msg.data.get("base", 0)
-        else:
-            expected = last + 1
-        if msg.seq == expected:
-            return True
-        self.rt.counters["duplicates" if msg.seq < expected else "out_of_order"] += 1
-        return False
-
-    def ack(self, sources) -> None:
-        acked = [(s, self.committed[s]) for s in sources if s in self.committed]
-        if acked:
-            src, seq = zip(*acked, strict=True)
-            self.pub.send(topics.ACK, {"source": list(src), "seq": list(seq)})
-
-    def _count(self, readings, power, rejected) -> None:
-        c = self.rt.counters
-        if readings is not None:
-            c["readings_stored"] += len(readings[0])
-        c["power_stored"] += sum(len(p["ts_us"]) for p in power)
-        c["lines_rejected"] += len(rejected)
-        for r in rejected:
-            c[f"rejected.{r[2]}"] += 1
-        c["transactions"] += 1
-        t = self.totals
-        if readings is not None:
-            t["readings"] += len(readings[0])
-        t["power"] += sum(len(p["ts_us"]) for p in power)
-        for r in rejected:
-            t["rejected"] += 1
-            t[f"rejected.{r[2]}"] = t.get(f"rejected.{r[2]}", 0) + 1
+_EMPTY_I = np.empty(0, np.int64)
+_EMPTY_F = np.empty(0, np.float64)
 
 
 def run(cfg: Config) -> int:
     rt = Runtime("storage", cfg)
     rt.install_signals()
     storage = Storage(rt)
-    log.info("storage up: database %s, %d meters", cfg.storage["path"], len(cfg.meters))
+    log.info("storage up: database %s, %d meters", storage.db.url, len(cfg.meters))
     try:
         while not rt.stopping.is_set():
             storage.step(100)

@@ -1,0 +1,128 @@
+"""The database behind wattflow, chosen by URL: one small interface, one module per backend.
+
+``sqlite:///data/wattflow.db`` (a path relative to the working directory; ``sqlite:////abs``
+for an absolute one, or a plain path) is the zero-set-up default; ``postgresql://...`` is for
+replicas on several hosts. Both hold the same tables and views (README "Database").
+
+What a backend does (``Database``):
+
+* ``write(batches)``: one transaction for a list of batches (``RawBatch``: an ingest batch,
+  parsed; ``PowerBatch``: power points). Each batch carries its idempotence key
+  ``(source, seq)``, written in the same transaction as its rows: a batch whose key is already
+  there is skipped, so whichever replica applies a batch, and however often it arrives, its rows
+  are in the database once. Returns, per batch, whether it was applied now (False: it was
+  there already).
+* reads for power, the dashboard and export (``readings``, ``power``), ``totals``;
+* upkeep: ``retention_step`` (removes old rows a little at a time), ``free_bytes``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from shared.config import Circuit, Meter
+
+MINUTE_US = 60_000_000
+HOUR_US = 3_600_000_000
+
+
+class DiskFull(Exception):
+    """A write found the disk (or the server's) full; nothing of it was committed."""
+
+
+@dataclass
+class RawBatch:
+    """One ingest batch, parsed: its readings as columns, its bad lines as rows."""
+
+    source: str  # the ingest stream's id
+    seq: int  # its number in that stream
+    base: int  # every batch of the stream numbered below this one is applied (ingest said so)
+    meter: np.ndarray  # int: index into the configured meters
+    ts_us: np.ndarray  # int64
+    value: np.ndarray  # float64
+    rejected: list[tuple] = field(default_factory=list)  # (t_recv, peer, reason, message, line)
+    t_recv: np.ndarray | None = None  # float64, per reading: when ingest received its line
+
+
+@dataclass
+class PowerBatch:
+    """Power points as columns (upserted by circuit and time: a point computed again with new
+    readings replaces the old one); ``source`` None: no idempotence key (the rows are
+    idempotent by themselves)."""
+
+    points: dict[str, np.ndarray]  # circuit, v_meter, a_meter (S), ts_us, watts, volts, amps
+    source: str | None = None
+    seq: int = 0
+    base: int = 0
+
+
+@dataclass
+class Retention:
+    """How long rows are kept, in days (0: forever); what one step may remove."""
+
+    readings_days: float = 30
+    power_days: float = 30
+    rejected_days: float = 30
+    rollup_1m_days: float = 400
+    rollup_1h_days: float = 0
+    step_rows: int = 5000
+
+    @classmethod
+    def from_config(cls, storage: dict[str, Any]) -> Retention:
+        r = storage.get("retention") or {}
+        return cls(**{k: r[k] for k in r if k in cls.__dataclass_fields__})
+
+
+class Database(Protocol):
+    url: str
+
+    def write(self, batches: list[RawBatch | PowerBatch]) -> list[bool]: ...
+    def low_marks(self) -> dict[str, int]: ...
+    def totals(self) -> dict[str, int]: ...
+    def retention_step(self, now_us: int) -> dict[str, int]: ...
+    def free_bytes(self) -> int | None: ...
+    def readings(self, meters: list[str], t0_us: int, t1_us: int) -> dict[str, np.ndarray]: ...
+    def power(self, circuits: list[str], t0_us: int, t1_us: int) -> dict[str, np.ndarray]: ...
+    def upkeep_state(self) -> dict[str, Any]: ...
+    def close(self) -> None: ...
+
+
+def open_database(url: str, meters: tuple[Meter, ...] | list[Meter] = (),
+                  circuits: tuple[Circuit, ...] | list[Circuit] = (),
+                  retention: Retention | None = None, **options: Any) -> Database:
+    """The backend for ``url`` (see the module docstring), schema made or migrated."""
+    kind, _, rest = url.partition("://")
+    if kind in ("postgresql", "postgres"):
+        from shared.db.postgres import PostgresDatabase
+
+        return PostgresDatabase(url, meters, circuits, retention or Retention(), **options)
+    if kind == "sqlite" or not rest:
+        from shared.db.sqlite import SqliteDatabase
+
+        return SqliteDatabase(sqlite_path(url), meters, circuits, retention or Retention(),
+                              **options)
+    raise ValueError(f"unsupported database URL {url!r}: use sqlite:///PATH or postgresql://...")
+
+
+def sqlite_path(url: str) -> str:
+    """``sqlite:///rel/path`` -> ``rel/path``; ``sqlite:////abs`` -> ``/abs``; a path as is."""
+    return url[len("sqlite:///"):] if url.startswith("sqlite:///") else url
+
+
+def storage_url(storage: dict[str, Any]) -> str:
+    """The database URL of a config's ``storage`` section (``url``, else the older ``path``)."""
+    return storage.get("url") or f"sqlite:///{storage['path']}"
+
+
+def bucket_stats(keys: np.ndarray, bucket: np.ndarray, value: np.ndarray) -> tuple:
+    """Per (key, bucket) group: count, sum, min, max of ``value`` (for the rollups), as
+    columns (key, bucket, n, sum, min, max) in group order."""
+    order = np.lexsort((bucket, keys))
+    k, b, v = keys[order], bucket[order], value[order]
+    start = np.flatnonzero(np.concatenate(([True], (k[1:] != k[:-1]) | (b[1:] != b[:-1]))))
+    n = np.diff(np.append(start, len(k)))
+    return (k[start], b[start], n, np.add.reduceat(v, start), np.minimum.reduceat(v, start),
+            np.maximum.reduceat(v, start))
