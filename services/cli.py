@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fraction of lines made invalid on purpose (default 0)")
     sim.add_argument("--meters", type=int, metavar="N",
                      help="simulate only the first N configured meters")
+    sim.add_argument("--plain", action="store_true",
+                     help="send like a meter that never reads (no acknowledged mode: lines "
+                          "in flight when ingest dies are lost)")
     tap = sub.add_parser("tap", parents=[common], help="print bus messages as JSON lines",
                          description="Print every message on the given topics as one JSON "
                                      f"object per line. Topics: {', '.join(topics.BY_NAME)}.")
@@ -126,7 +129,7 @@ def cmd_simulate(cfg, args) -> int:
     meters = list(cfg.meters[: args.meters] if args.meters else cfg.meters)
     try:
         simulate(meters, args.host, args.port or cfg.ingest["port"], args.rate, args.duration,
-                 args.invalid)
+                 args.invalid, acked=not args.plain)
     except ConnectionError as exc:
         log.error("%s", exc)
         return 1

@@ -29,17 +29,19 @@ class Framer:
         self.long_len = 0  # its bytes so far
         self.long_last = 0  # its last byte so far (a \r there may belong to a CRLF)
 
-    def feed(self, data: bytes) -> tuple[bytes, list[tuple[bytes, str, str]]]:
+    def feed(self, data: bytes) -> tuple[bytes, list[tuple[bytes, str, str, int]]]:
         """Bytes received -> (complete lines, each ``\\n``-terminated; rejections as
-        (line's first bytes, reason, message))."""
-        rejects: list[tuple[bytes, str, str]] = []
+        (line's first bytes, reason, message, ordinal)); the ordinal is the rejected line's
+        place among all lines this call ended (accepted or not), for senders that number
+        their lines (the acknowledged mode)."""
+        rejects: list[tuple[bytes, str, str, int]] = []
         if self.long is not None:
             cut = data.find(b"\n")
             if cut < 0:
                 self._grow_long(data)
                 return b"", rejects
             self._grow_long(data[:cut])
-            rejects.append(self._end_long())
+            rejects.append((*self._end_long(), 0))
             data = data[cut + 1 :]
         buf = self.tail + data if self.tail else data
         cut = buf.rfind(b"\n")
@@ -49,15 +51,15 @@ class Framer:
             self._grow_long(self.tail)
             self.tail = b""
         if len(complete) > self.max_line:
-            complete = self._drop_long_lines(complete, rejects)
+            complete = self._drop_long_lines(complete, rejects, first=len(rejects))
         return complete, rejects
 
-    def end(self, orderly: bool, why: str = "") -> tuple[bytes, list[tuple[bytes, str, str]]]:
+    def end(self, orderly: bool, why: str = "") -> tuple[bytes, list[tuple[bytes, str, str, int]]]:
         """The connection is over: an orderly EOF completes an unterminated last line; any
         other end rejects it as truncated (``why``: what ended it)."""
-        rejects: list[tuple[bytes, str, str]] = []
+        rejects: list[tuple[bytes, str, str, int]] = []
         if self.long is not None:
-            rejects.append(self._end_long())
+            rejects.append((*self._end_long(), 0))
             return b"", rejects
         tail, self.tail = self.tail, b""
         if not tail:
@@ -66,7 +68,7 @@ class Framer:
             return tail + b"\n", rejects
         rejects.append((tail[:REJECT_KEEP], TRUNCATED,
                         f"connection ended ({why or 'not by the meter'}) before this line's "
-                        f"newline: a cut-off line is not stored as a reading"))
+                        f"newline: a cut-off line is not stored as a reading", 0))
         return b"", rejects
 
     def _grow_long(self, part: bytes) -> None:
@@ -84,7 +86,7 @@ class Framer:
     def _too_long_message(self, length: int) -> str:
         return f"line of {length} bytes is longer than ingest.max_line ({self.max_line})"
 
-    def _drop_long_lines(self, block: bytes, rejects: list) -> bytes:
+    def _drop_long_lines(self, block: bytes, rejects: list, first: int) -> bytes:
         a = np.frombuffer(block, np.uint8)
         ends = np.flatnonzero(a == 10)
         starts = np.concatenate(([0], ends[:-1] + 1))
@@ -96,7 +98,7 @@ class Framer:
         for i in too_long.tolist():
             keep.append(block[pos : starts[i]])
             rejects.append((block[starts[i] : min(ends[i], starts[i] + REJECT_KEEP)], TOO_LONG,
-                            self._too_long_message(int(lengths[i]))))
+                            self._too_long_message(int(lengths[i])), first + i))
             pos = ends[i] + 1
         keep.append(block[pos:])
         return b"".join(keep)

@@ -36,13 +36,103 @@ STOP_GRACE_S = 2.0  # on stop: how long open connections may still deliver what 
 ERROR_LOG_EVERY_S = 10.0  # a failing periodic task is logged at most this often
 
 
-class Connection:
-    """One meter's connection: its framer and what it has read but ingest not yet journaled."""
+HELLO = b"#wattflow ack v1 "  # the first line of a sender that wants acknowledgements
 
-    def __init__(self, peer: str, max_line: int):
-        self.peer = peer
-        self.framer = Framer(max_line)
-        self.unjournaled = 0
+
+class Connection(asyncio.Protocol):
+    """One meter's connection: bytes -> its Framer -> the pending batch. A sender whose first
+    line is ``#wattflow ack v1 SENDER FIRST`` numbers its lines from FIRST on, and gets
+    ``ACK n`` lines back: every line numbered below n is in ingest's journal (README, "The
+    acknowledged mode")."""
+
+    def __init__(self, ingest: Ingest):
+        self.ingest = ingest
+        self.framer = Framer(ingest.cfg["max_line"])
+        self.peer = "?"
+        self.transport: asyncio.Transport | None = None
+        self.unjournaled = 0  # bytes read from it but not yet journaled
+        self.last_data = time.monotonic()
+        self.ended = False
+        self.hello_seen = False  # its first line was looked at
+        self.sender: str | None = None  # the acknowledged mode: the sender's id
+        self.next_no = 0  # ... the number of its next line
+        self.acked = 0  # ... what the last ACK said
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = "{}:{}".format(*peer[:2]) if peer else "?"
+        if not self.ingest.admit(self):
+            self.ended = True
+            transport.abort()
+            return
+        transport.max_size = self.ingest.read_size  # one read holds at most this much
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if not self.ingest.room.is_set():
+            transport.pause_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_data = time.monotonic()
+        self.ingest.rt.counters["bytes_in"] += len(data)
+        self.ingest.take(self, *self.framer.feed(data))
+
+    def eof_received(self) -> bool:
+        self.end(orderly=True)
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ended:
+            self.end(orderly=False, why=f"connection error: {exc}" if exc else "connection lost")
+        self.ingest.forget(self)
+
+    def end(self, orderly: bool, why: str = "") -> None:
+        """The connection is over (or being closed by ingest): what its framer holds goes
+        in, a cut-off last line as a rejection."""
+        if self.ended:
+            return
+        self.ended = True
+        self.ingest.take(self, *self.framer.end(orderly, why))
+        self.ingest.flush()  # its last lines are journaled (and acked) before it goes
+
+    def close(self, why: str) -> None:
+        self.end(orderly=False, why=why)
+        if self.transport is not None:
+            self.transport.close()
+
+    def hello(self, block: bytes, rejects: list) -> tuple[bytes, list]:
+        """The connection's first line: the acknowledged mode's hello (taken out, so the
+        sender's lines are numbered from the next one), or an ordinary line."""
+        self.hello_seen = True
+        first_rejected = bool(rejects) and rejects[0][3] == 0
+        if first_rejected or not block.startswith(HELLO):
+            return block, rejects
+        first, _, rest = block.partition(b"\n")
+        parts = first[len(HELLO):].rstrip(b"\r").split(b" ")
+        if not (len(parts) == 2 and 0 < len(parts[0]) <= 64 and parts[1].isdigit()
+                and parts[0].isascii() and parts[0].decode().isprintable()):
+            return block, rejects  # not a valid hello: an ordinary (rejected) line
+        self.sender, self.next_no = parts[0].decode(), int(parts[1])
+        self.acked = self.next_no
+        self.ingest.rt.counters["ack_mode_connections"] += 1
+        return rest, [(*r[:3], r[3] - 1) for r in rejects]  # the hello was line 0
+
+    def numbers(self, lines: int, rejects: list) -> tuple[np.ndarray, list[int]]:
+        """Numbers of the lines just framed (accepted ones, and the rejected ones by their
+        ordinals), in the acknowledged mode."""
+        nos = self.next_no + np.arange(lines + len(rejects), dtype=np.int64)
+        keep = np.ones(len(nos), bool)
+        ordinals = [r[3] for r in rejects]
+        keep[ordinals] = False
+        self.next_no += len(nos)
+        return nos[keep], nos[ordinals].tolist()
+
+    def ack(self) -> None:
+        """After a journal write: tell an acknowledged sender how far it is safe."""
+        if self.sender is not None and self.next_no > self.acked and not self.ended:
+            self.acked = self.next_no
+            self.transport.write(b"ACK %d\n" % self.acked)
 
 
 class Ingest:
@@ -58,100 +148,96 @@ class Ingest:
             log.info("journal: %d unacked batches (%d lines) from the last run, resending",
                      len(batches), self.outbox.lines)
             rt.counters["lines_recovered"] += self.outbox.lines
-        self.chunks: list[tuple[str, float, bytes]] = []
-        self.rejects: list[tuple[bytes, str, str, str, float]] = []  # line, reason, msg, peer, t
+        # pending: chunks (peer, t_recv, block, sender, line numbers) and rejections (line,
+        # reason, message, peer, t_recv, sender, number); sender None: a plain connection
+        self.chunks: list[tuple] = []
+        self.rejects: list[tuple] = []
         self.pending_lines = self.pending_bytes = 0
         self.cap_bytes = int(self.cfg["max_buffer_mb"] * (1 << 20))
         self.unjournaled_max = int(self.cfg["unjournaled_kb"] * 1024)
         self.unjournaled_conn_max = int(self.cfg["unjournaled_kb_per_connection"] * 1024)
-        self.read_size = min(READ_SIZE, self.unjournaled_conn_max)
+        self.read_size = max(1024, min(READ_SIZE, self.unjournaled_conn_max))
         self.room = asyncio.Event()  # cleared while the buffer is full: stop reading sockets
         self.room.set()
         self.acks = rt.subscriber([topics.ACK])
         self.open: set[Connection] = set()
-        self.tasks: set[asyncio.Task] = set()
         self.idle = asyncio.Event()  # set while no connection is open
         self.idle.set()
         self.min_gap = self.cfg["flush_ms"] / 1000  # between two batches
         self.last_flush = 0.0
         self.flush_handle: asyncio.Handle | None = None
         self.errors: dict[str, tuple[int, float]] = {}  # task -> (failures, last logged)
+        self.next_sweep = 0.0
+        self.unjournaled_peak = 0
 
     # ---- connections -----------------------------------------------------------------------
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = "{}:{}".format(*writer.get_extra_info("peername")[:2])
+    def admit(self, conn: Connection) -> bool:
         if len(self.open) >= self.cfg["max_connections"]:
-            log.warning("refusing %s: already %d connections", peer, len(self.open))
+            log.warning("refusing %s: already %d connections", conn.peer, len(self.open))
             self.rt.counters["connections_refused"] += 1
-            writer.close()
-            return
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        conn = Connection(peer, self.cfg["max_line"])
+            return False
         self.open.add(conn)
-        self.tasks.add(asyncio.current_task())
         self.rt.counters["connections"] += 1
         self.idle.clear()
-        log.debug("meter connected from %s", peer)
-        try:
-            why = await self._read_loop(reader, conn)
-            self._take(conn, *conn.framer.end(orderly=why is None, why=why or ""))
-        except (ConnectionError, OSError) as exc:
-            log.info("connection from %s ended: %s", peer, exc)
-            self._take(conn, *conn.framer.end(orderly=False, why=f"connection error: {exc}"))
-        except asyncio.CancelledError:  # ingest is stopping and the peer is still sending
-            self._take(conn, *conn.framer.end(orderly=False, why="ingest shut down"))
-        finally:
-            self.open.discard(conn)
-            self.tasks.discard(asyncio.current_task())
-            if not self.open:
-                self.idle.set()
-            writer.close()
+        return True
 
-    async def _read_loop(self, reader: asyncio.StreamReader, conn: Connection) -> str | None:
-        """Read until the peer is done: None at an orderly EOF, else what ended it."""
+    def forget(self, conn: Connection) -> None:
+        self.open.discard(conn)
+        if not self.open:
+            self.idle.set()
+
+    def sweep_idle(self) -> None:
+        """Close connections silent for ``idle_timeout_s`` (half-open peers), once a second."""
+        now = time.monotonic()
+        if now < self.next_sweep:
+            return
+        self.next_sweep = now + 1.0
         idle = self.cfg["idle_timeout_s"]
-        while True:
-            await self.room.wait()
-            try:
-                data = await asyncio.wait_for(reader.read(self.read_size), idle)
-            except TimeoutError:
-                log.info("closing %s: silent for %ss (half-open?)", conn.peer, idle)
-                self.rt.counters["idle_closed"] += 1
-                return f"silent for {idle:g} s, closed by ingest"
-            if not data:
-                return None
-            self.rt.counters["bytes_in"] += len(data)
-            self._take(conn, *conn.framer.feed(data))
+        for conn in [c for c in self.open if now - c.last_data >= idle]:
+            log.info("closing %s: silent for %gs (half-open?)", conn.peer, idle)
+            self.rt.counters["idle_closed"] += 1
+            conn.close(f"silent for {idle:g} s, closed by ingest")
 
-    def _take(self, conn: Connection, block: bytes, rejects: list) -> None:
+    def take(self, conn: Connection, block: bytes, rejects: list) -> None:
         """Lines (and rejections) framed from a connection join the pending batch."""
-        now = time.time()
-        for line, reason, message in rejects:
-            self.rejects.append((line, reason, message, conn.peer, now))
-            self.pending_lines += 1
-            self.rt.counters["lines_in"] += 1
-            self.rt.counters[f"rejected.{reason}"] += 1
+        if not conn.hello_seen and (block or rejects):
+            block, rejects = conn.hello(block, rejects)
         lines = block.count(b"\n")
-        if lines:
-            self.chunks.append((conn.peer, now, block))
-            self.pending_lines += lines
-            self.pending_bytes += len(block)
-            conn.unjournaled += len(block)
-            self.rt.counters["lines_in"] += lines
         if not (lines or rejects):
             return
+        now = time.time()
+        line_nos, reject_nos = (conn.numbers(lines, rejects) if conn.sender is not None
+                                else (None, [None] * len(rejects)))
+        for (line, reason, message, _), no in zip(rejects, reject_nos, strict=True):
+            self.rejects.append((line, reason, message, conn.peer, now, conn.sender, no))
+            self.rt.counters[f"rejected.{reason}"] += 1
+        self.pending_lines += lines + len(rejects)
+        self.rt.counters["lines_in"] += lines + len(rejects)
+        if lines:
+            self.chunks.append((conn.peer, now, block, conn.sender, line_nos))
+            self.pending_bytes += len(block)
+            conn.unjournaled += len(block)
         if (self.pending_lines >= self.cfg["batch_lines"]
                 or self.pending_bytes >= self.unjournaled_max
                 or conn.unjournaled >= self.unjournaled_conn_max):
             self.flush()
         else:
             self.schedule_flush()
+        self.unjournaled_peak = max(self.unjournaled_peak, self.pending_bytes)
         if self.buffered() >= self.cap_bytes and self.room.is_set():
             self.room.clear()
             self.rt.counters["backpressure_pauses"] += 1  # sockets not read until acks come
+            for c in self.open:
+                if c.transport is not None:
+                    c.transport.pause_reading()
+
+    def make_room(self) -> None:
+        if not self.room.is_set() and self.buffered() < self.cap_bytes // 2:
+            self.room.set()
+            for c in self.open:
+                if c.transport is not None and not c.ended:
+                    c.transport.resume_reading()
 
     # ---- batches ---------------------------------------------------------------------------
 
@@ -171,18 +257,24 @@ class Ingest:
         self._guarded("flush", self.flush)
 
     def flush(self) -> None:
-        """Turn what waits into a numbered batch (journaled before anything else) and hand
-        batches to the bus."""
+        """Turn what waits into a numbered batch (journaled before anything else), tell
+        acknowledged senders, and hand batches to the bus."""
         if self.chunks or self.rejects:
             self.last_flush = time.monotonic()
-            peers, times, blocks = zip(*self.chunks, strict=True) if self.chunks else ((),) * 3
+            peers, times, blocks, senders, nos = (zip(*self.chunks, strict=True) if self.chunks
+                                                  else ((),) * 5)
             data = {"peer": list(peers), "t_recv": np.array(times, dtype=np.float64),
                     "data": list(blocks)}
+            if any(s is not None for s in senders):  # the acknowledged mode's line numbers
+                data["sender"], data["line_no"] = list(senders), list(nos)
             if self.rejects:  # framing's rejections travel with the batch: stored, acked
-                line, reason, message, peer, t_recv = zip(*self.rejects, strict=True)
+                line, reason, message, peer, t_recv, sender, no = zip(*self.rejects, strict=True)
                 data["rejected"] = {"line": list(line), "reason": list(reason),
                                     "message": list(message), "peer": list(peer),
                                     "t_recv": np.array(t_recv, dtype=np.float64)}
+                if any(x is not None for x in sender):
+                    data["rejected"]["sender"] = list(sender)
+                    data["rejected"]["line_no"] = list(no)
             self.outbox.add(data, self.pending_lines, self.pending_bytes)
             self.rt.counters["batches"] += 1
             self.chunks.clear()
@@ -190,6 +282,7 @@ class Ingest:
             self.pending_lines = self.pending_bytes = 0
             for conn in self.open:
                 conn.unjournaled = 0
+                conn.ack()
         self.outbox.pump()
 
     def _send(self, seq: int, data: dict) -> bool:
@@ -208,8 +301,7 @@ class Ingest:
             cols = msg.data
             self.outbox.ack([seq for source, seq in zip(cols["source"], cols["seq"], strict=True)
                              if source == me])
-        if self.buffered() < self.cap_bytes // 2:
-            self.room.set()
+        self.make_room()
 
     # ---- housekeeping ----------------------------------------------------------------------
 
@@ -223,6 +315,7 @@ class Ingest:
         count) and the others, the heartbeat and the stats go on."""
         self._guarded("acks", self.poll_acks)
         self._guarded("flush", self.flush)
+        self._guarded("idle", self.sweep_idle)
         self._guarded("resend", self.outbox.resend_overdue)
         self._guarded("gauges", self._gauges)
         self._guarded("stats", self.rt.tick)
@@ -232,7 +325,8 @@ class Ingest:
             connections=len(self.open), pending_lines=self.pending_lines,
             reading_paused=not self.room.is_set(), unacked_batches=len(self.outbox.entries),
             unacked_lines=self.outbox.lines, buffered_bytes=self.buffered(),
-            oldest_unacked_age_s=round(self.outbox.oldest_age(time.time()), 3))
+            oldest_unacked_age_s=round(self.outbox.oldest_age(time.time()), 3),
+            unjournaled_peak_bytes=self.unjournaled_peak)
 
     def _guarded(self, name: str, task) -> None:
         try:
@@ -270,9 +364,10 @@ def _size(data: dict) -> tuple[int, int]:
 async def serve(rt: Runtime, journal: Journal) -> None:
     ingest = Ingest(rt, journal)
     cfg = rt.cfg.ingest
+    loop = asyncio.get_running_loop()
     try:
-        server = await asyncio.start_server(ingest.handle, cfg["host"], cfg["port"],
-                                            limit=READ_SIZE, reuse_address=True, backlog=1024)
+        server = await loop.create_server(lambda: Connection(ingest), cfg["host"], cfg["port"],
+                                          reuse_address=True, backlog=1024)
     except OSError as exc:
         port = Port("ingest (the meters' TCP port)", cfg["host"], cfg["port"], "ingest.port")
         raise CannotStart(port.explain(os.strerror(exc.errno) if exc.errno else str(exc))) from exc
@@ -283,13 +378,15 @@ async def serve(rt: Runtime, journal: Journal) -> None:
         await asyncio.sleep(0.05)
     server.close()  # stop accepting; read what the open connections still send
     ingest.room.set()
+    for conn in ingest.open:
+        if conn.transport is not None:
+            conn.transport.resume_reading()
     try:
         await asyncio.wait_for(ingest.idle.wait(), STOP_GRACE_S)
     except TimeoutError:
         log.info("stopping with %d connections still open: closing them", len(ingest.open))
-        for task in list(ingest.tasks):
-            task.cancel()
-        await asyncio.gather(*ingest.tasks, return_exceptions=True)
+        for conn in list(ingest.open):
+            conn.close("ingest shut down")
     housekeeper.cancel()
     await asyncio.gather(housekeeper, return_exceptions=True)
     await ingest.drain(cfg["stop_timeout_s"])

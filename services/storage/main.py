@@ -113,27 +113,44 @@ class Storage:
 
     def parse(self, msg: Message) -> RawBatch:
         cols = msg.data
-        rejected = []
-        framed = cols.get("rejected")
+        batch = RawBatch(msg.src, msg.seq, cols.get("base", 0), _EMPTY_I, _EMPTY_I, _EMPTY_F)
+        framed = cols.get("rejected") or {}
+        senders = sorted({s for s in (*cols.get("sender", ()), *framed.get("sender", ()))
+                          if s is not None})
+        index = {s: i for i, s in enumerate(senders)}
+        batch.senders = senders
         if framed:  # ingest's framing decided these; stored and published like the rest
-            rejected.extend((float(t), peer, reason, message, ln) for ln, reason, message, peer, t
-                            in zip(framed["line"], framed["reason"], framed["message"],
-                                   framed["peer"], framed["t_recv"], strict=True))
-        batch = RawBatch(msg.src, msg.seq, cols.get("base", 0), _EMPTY_I, _EMPTY_I, _EMPTY_F,
-                         rejected)
-        if not cols["data"]:
+            batch.rejected.extend(
+                (float(t), peer, reason, message, ln) for ln, reason, message, peer, t in
+                zip(framed["line"], framed["reason"], framed["message"], framed["peer"],
+                    framed["t_recv"], strict=True))
+            if senders:
+                batch.rejected_sender = [index.get(x, -1) for x in framed["sender"]]
+                batch.rejected_no = [-1 if n is None else n for n in framed["line_no"]]
+        blocks = cols["data"]
+        if not blocks:
+            batch.reading_sender, batch.reading_no = _EMPTY_I, _EMPTY_I
             return batch
         # one parse per message: the chunks (each from one connection) joined
-        blocks = cols["data"]
-        chunk_of_line = np.repeat(np.arange(len(blocks)), [b.count(b"\n") for b in blocks])
+        counts = [b.count(b"\n") for b in blocks]
+        chunk_of_line = np.repeat(np.arange(len(blocks)), counts)
         parsed = parsing.parse_block(b"".join(blocks), self.table)
         t_recv = cols["t_recv"]
         batch.meter, batch.ts_us, batch.value = parsed.meter, parsed.ts_us, parsed.value
         batch.t_recv = t_recv[chunk_of_line[parsed.line]]
+        if senders:  # the acknowledged mode: each line's sender and number
+            line_sender = np.repeat([index.get(x, -1) for x in cols["sender"]], counts)
+            line_no = np.concatenate([np.full(n, -1, np.int64) if nos is None else nos
+                                      for nos, n in zip(cols["line_no"], counts, strict=True)])
+            batch.reading_sender = line_sender[parsed.line]
+            batch.reading_no = line_no[parsed.line]
         for (line, r), i in zip(parsed.rejects, parsed.reject_lines, strict=True):
             chunk = chunk_of_line[i]
-            rejected.append((float(t_recv[chunk]), cols["peer"][chunk], r.reason, r.message,
-                             line))
+            batch.rejected.append((float(t_recv[chunk]), cols["peer"][chunk], r.reason,
+                                   r.message, line))
+            if senders:
+                batch.rejected_sender.append(int(line_sender[i]))
+                batch.rejected_no.append(int(line_no[i]))
         return batch
 
     def publish(self, raws: list[RawBatch]) -> None:
@@ -181,6 +198,7 @@ class Storage:
             c["power_stored"] += n
             t["power"] += n
             return
+        c["resent_lines_skipped"] += b.resent
         c["readings_stored"] += len(b.meter)
         t["readings"] += len(b.meter)
         c["lines_rejected"] += len(b.rejected)

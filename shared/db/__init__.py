@@ -45,6 +45,57 @@ class RawBatch:
     value: np.ndarray  # float64
     rejected: list[tuple] = field(default_factory=list)  # (t_recv, peer, reason, message, line)
     t_recv: np.ndarray | None = None  # float64, per reading: when ingest received its line
+    # The acknowledged mode: senders that number their lines (README), and per reading and
+    # per rejected line the index of its sender in ``senders`` (-1: a plain connection) and
+    # the line's number. A line whose number the database holds for its sender was resent
+    # (after a reconnect) and is skipped; ``resent`` counts them once written.
+    senders: list[str] = field(default_factory=list)
+    reading_sender: np.ndarray | None = None
+    reading_no: np.ndarray | None = None
+    rejected_sender: list[int] = field(default_factory=list)
+    rejected_no: list[int] = field(default_factory=list)
+    resent: int = 0
+
+    def drop_resent(self, covered) -> None:
+        """Keep only the lines ``covered(sender, numbers) -> bool mask`` says are new."""
+        if not self.senders:
+            return
+        keep = np.ones(len(self.meter), bool)
+        keep_rej = np.ones(len(self.rejected), bool)
+        rej_sender = np.array(self.rejected_sender, np.int64)
+        rej_no = np.array(self.rejected_no, np.int64)
+        for i, sender in enumerate(self.senders):
+            mine, mine_rej = self.reading_sender == i, rej_sender == i
+            seen = covered(sender, np.concatenate((self.reading_no[mine], rej_no[mine_rej])))
+            keep[np.flatnonzero(mine)] = ~seen[: mine.sum()]
+            keep_rej[np.flatnonzero(mine_rej)] = ~seen[mine.sum():]
+        self.resent = int((~keep).sum() + (~keep_rej).sum())
+        if self.resent:
+            self.meter, self.ts_us, self.value = self.meter[keep], self.ts_us[keep], \
+                self.value[keep]
+            if self.t_recv is not None:
+                self.t_recv = self.t_recv[keep]
+            self.rejected = [r for r, k in zip(self.rejected, keep_rej.tolist(), strict=True)
+                             if k]
+
+
+def line_ranges(numbers: np.ndarray, existing: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The union of ``existing`` inclusive ranges and the runs of ``numbers``, as few
+    inclusive ranges as possible (adjacent ones joined)."""
+    nos = np.unique(numbers)
+    runs = []
+    if len(nos):
+        breaks = np.flatnonzero(np.diff(nos) != 1)
+        starts = np.concatenate(([0], breaks + 1))
+        ends = np.concatenate((breaks, [len(nos) - 1]))
+        runs = list(zip(nos[starts].tolist(), nos[ends].tolist(), strict=True))
+    merged: list[list[int]] = []
+    for lo, hi in sorted(existing + runs):
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return [(lo, hi) for lo, hi in merged]
 
 
 @dataclass

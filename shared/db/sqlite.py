@@ -25,7 +25,16 @@ from typing import Any
 import numpy as np
 
 from shared.config import Circuit, Meter
-from shared.db import HOUR_US, MINUTE_US, DiskFull, PowerBatch, RawBatch, Retention, bucket_stats
+from shared.db import (
+    HOUR_US,
+    MINUTE_US,
+    DiskFull,
+    PowerBatch,
+    RawBatch,
+    Retention,
+    bucket_stats,
+    line_ranges,
+)
 
 log = logging.getLogger("db")
 SCHEMA_VERSION = 2
@@ -82,6 +91,12 @@ CREATE TABLE IF NOT EXISTS sources (
     low    INTEGER NOT NULL,            -- every batch numbered up to this one is applied
     t      REAL NOT NULL                -- when a batch of it was last written (Unix seconds)
 );
+CREATE TABLE IF NOT EXISTS sender_lines (  -- the acknowledged mode: line numbers applied
+    sender TEXT NOT NULL,               -- a sender's id (its hello line)
+    lo     INTEGER NOT NULL,            -- lines numbered lo..hi (inclusive) are in
+    hi     INTEGER NOT NULL,
+    PRIMARY KEY (sender, lo)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS totals (     -- row counts kept with every write (count(*) is slow)
     name TEXT PRIMARY KEY,              -- readings, rejected, rejected.<reason>, power
     n    INTEGER NOT NULL               -- (power: points written; a recomputed point again)
@@ -234,6 +249,8 @@ class SqliteDatabase:
                 self._advance_lows(batches)
                 raws = [b for b, ok in zip(batches, fresh, strict=True)
                         if ok and isinstance(b, RawBatch)]
+                for b in raws:
+                    b.drop_resent(self._lines_seen)
                 self._write_readings(raws)
                 self._write_rejected([r for b in raws for r in b.rejected])
                 for b, ok in zip(batches, fresh, strict=True):
@@ -255,6 +272,21 @@ class SqliteDatabase:
         cur = self.conn.execute("INSERT INTO batches (source, seq) VALUES (?, ?)"
                                 " ON CONFLICT DO NOTHING", (b.source, b.seq))
         return cur.rowcount == 1
+
+    def _lines_seen(self, sender: str, numbers: np.ndarray) -> np.ndarray:
+        """Which of a sender's line ``numbers`` are in already; then record them all."""
+        lo, hi = int(numbers.min()), int(numbers.max())
+        existing = self.conn.execute(
+            "SELECT lo, hi FROM sender_lines WHERE sender = ? AND lo <= ? AND hi >= ?",
+            (sender, hi + 1, lo - 1)).fetchall()
+        seen = np.zeros(len(numbers), bool)
+        for a, b in existing:
+            seen |= (numbers >= a) & (numbers <= b)
+        self.conn.executemany("DELETE FROM sender_lines WHERE sender = ? AND lo = ?",
+                              [(sender, a) for a, _ in existing])
+        self.conn.executemany("INSERT INTO sender_lines (sender, lo, hi) VALUES (?, ?, ?)",
+                              [(sender, a, b) for a, b in line_ranges(numbers, existing)])
+        return seen
 
     def _advance_lows(self, batches) -> None:
         """Every batch below a stream's ``base`` is applied (its sender had acks for them):
@@ -497,6 +529,26 @@ class SqliteDatabase:
                 " AND p.ts_us BETWEEN ? AND ? ORDER BY p.ts_us", (name, t0_us, t1_us)).fetchall()
         return _columns(rows, ("circuit", "ts_us", "watts", "volts", "amps"),
                         ("S", np.int64, np.float64, np.float64, np.float64))
+
+    def rollup(self, kind: str, resolution: str, names: list[str], t0_us: int,
+               t1_us: int) -> dict[str, np.ndarray]:
+        """Per-minute (``1m``) or per-hour (``1h``) aggregates of ``readings`` (by meter) or
+        ``power`` (by circuit; with ``wh``, energy) whose bucket starts in [t0, t1]: columns
+        name, t (bucket start), n, sum, min, max[, wh], by name then time."""
+        if kind not in ("readings", "power") or resolution not in ("1m", "1h"):
+            raise ValueError(f"no rollup {kind}_{resolution}")
+        owner, key, col = (("meters", "meter_id", "ip") if kind == "readings"
+                           else ("circuits", "circuit_id", "name"))
+        extra = ", r.wh" if kind == "power" else ""
+        rows = []
+        for name in names:
+            rows += self.conn.execute(
+                f"SELECT o.{col}, r.t, r.n, r.sum, r.min, r.max{extra} FROM {kind}_{resolution} r"
+                f" JOIN {owner} o ON o.id = r.{key} WHERE o.{col} = ? AND r.t BETWEEN ? AND ?"
+                f" ORDER BY r.t", (name, t0_us, t1_us)).fetchall()
+        names_ = ("name", "t", "n", "sum", "min", "max") + (("wh",) if extra else ())
+        types = ("S", np.int64, np.int64) + (np.float64,) * (len(names_) - 3)
+        return _columns(rows, names_, types)
 
     def close(self) -> None:
         self._stop.set()

@@ -1,0 +1,165 @@
+"""The database interface on a real backend (a SQLite file here; the same tests run on a real
+PostgreSQL server where one is configured): idempotence keys, upserts, rollups, totals,
+retention."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from shared.config import Meter
+from shared.db import HOUR_US, MINUTE_US, PowerBatch, RawBatch, Retention, open_database
+from tests.shared.db.conftest import T0
+
+METERS = (Meter("10.0.0.1", "V", 0.0, 110.0), Meter("10.0.0.2", "A", 0.0, 5.0))
+IPS = [m.ip for m in METERS]
+
+
+def raw(source: str, seq: int, n: int, start: int = 0, base: int = 0, step_us: int = 1000,
+        rejected: int = 0) -> RawBatch:
+    k = np.arange(start, start + n)
+    bad = [(1.0, "127.0.0.1:1", "malformed", "m", b"x%d" % i) for i in range(rejected)]
+    return RawBatch(source, seq, base, (k % 2).astype(np.int64), T0 + k * step_us, k * 0.5,
+                    bad)
+
+
+def stored(db) -> Counter:
+    cols = db.readings(IPS, 0, 2**62)
+    return Counter(zip(cols["meter"].tolist(), cols["ts_us"].tolist(), cols["value"].tolist(),
+                       strict=True))
+
+
+def expected(*batches: RawBatch) -> Counter:
+    return Counter((IPS[m].encode(), t, v) for b in batches
+                   for m, t, v in zip(b.meter.tolist(), b.ts_us.tolist(), b.value.tolist(),
+                                      strict=True))
+
+
+@pytest.mark.parametrize("n", [1, 49, 50, 51, 999, 1000, 2051])
+def test_every_row_of_a_batch_is_stored_once(db_url, n):
+    # sizes around the statement shapes (many rows per INSERT, then smaller)
+    db = open_database(db_url, METERS)
+    b = raw("ingest-a", 0, n)
+    assert db.write([b]) == [True]
+    assert stored(db) == expected(b)
+    assert db.totals()["readings"] == n
+    db.close()
+
+
+def test_a_batch_seen_again_is_skipped_in_any_order(db_url):
+    db = open_database(db_url, METERS)
+    b0, b1, b2 = raw("s", 0, 10, 0), raw("s", 1, 10, 10), raw("s", 2, 10, 20)
+    assert db.write([b2, b0]) == [True, True]  # out of order is fine
+    assert db.write([b0, b1, b2]) == [False, True, False]
+    assert db.write([raw("other", 0, 5, 100)]) == [True]  # another stream, its own numbers
+    assert stored(db) == expected(b0, b1, b2, raw("other", 0, 5, 100))
+    assert db.totals()["readings"] == 35
+    db.close()
+
+
+def test_low_mark_from_base_makes_older_numbers_duplicates(db_url):
+    db = open_database(db_url, METERS)
+    db.write([raw("s", 0, 3), raw("s", 1, 3, 3)])
+    db.write([raw("s", 5, 3, 6, base=2)])  # the sender says: everything below 2 is applied
+    assert db.low_marks()["s"] == 1
+    assert db.write([raw("s", 0, 3), raw("s", 1, 3, 3)]) == [False, False]
+    assert db.write([raw("s", 5, 3, 6, base=2)]) == [False]
+    assert db.totals()["readings"] == 9
+    db.close()
+
+
+def test_rejected_lines_count_by_reason(db_url):
+    db = open_database(db_url, METERS)
+    db.write([raw("s", 0, 4, rejected=3)])
+    db.write([raw("s", 0, 4, rejected=3)])  # again: nothing more
+    t = db.totals()
+    assert (t["readings"], t["rejected"], t["rejected.malformed"]) == (4, 3, 3)
+    db.close()
+
+
+def power_cols(circuit: bytes, ts: list[int], watts: list[float]) -> dict:
+    n = len(ts)
+    return {"circuit": np.array([circuit] * n), "v_meter": np.array([b"10.0.0.1"] * n),
+            "a_meter": np.array([b"10.0.0.2"] * n), "ts_us": np.array(ts, np.int64),
+            "watts": np.array(watts), "volts": np.array([10.0] * n),
+            "amps": np.array(watts) / 10.0}
+
+
+def test_power_point_computed_again_replaces_the_old_one(db_url):
+    db = open_database(db_url, METERS)
+    db.write([PowerBatch(power_cols(b"main", [1, 2, 3], [10.0, 20.0, 30.0]))])
+    db.write([PowerBatch(power_cols(b"main", [2, 4], [25.0, 40.0])),
+              PowerBatch(power_cols(b"aux", [2], [5.0]))])
+    got = db.power(["main", "aux"], 0, 10)
+    assert list(zip(got["circuit"].tolist(), got["ts_us"].tolist(), got["watts"].tolist(),
+                    strict=True)) == [(b"main", 1, 10.0), (b"main", 2, 25.0), (b"main", 3, 30.0),
+                                      (b"main", 4, 40.0), (b"aux", 2, 5.0)]
+    db.close()
+
+
+def test_same_key_twice_in_one_batch_keeps_the_last(db_url):
+    db = open_database(db_url, METERS)
+    db.write([PowerBatch(power_cols(b"main", [7, 7], [1.0, 2.0]))])
+    assert db.power(["main"], 0, 10)["watts"].tolist() == [2.0]
+    db.close()
+
+
+def test_rollups_match_the_readings_with_late_ones(db_url):
+    db = open_database(db_url, METERS)
+    rng = np.random.default_rng(1)
+    batches = []
+    for seq in range(6):  # readings over three hours, every batch scattered in time
+        n = 500
+        ts = T0 + rng.integers(0, 3 * HOUR_US, n)
+        batches.append(RawBatch("s", seq, 0, rng.integers(0, 2, n), ts,
+                                np.round(rng.uniform(0, 5, n), 3)))
+    for b in batches:
+        db.write([b])
+    db.write(batches[:2])  # duplicates change nothing
+    meter = np.concatenate([b.meter for b in batches])
+    ts = np.concatenate([b.ts_us for b in batches])
+    value = np.concatenate([b.value for b in batches])
+    for res, width in (("1m", MINUTE_US), ("1h", HOUR_US)):
+        got = db.rollup("readings", res, IPS, 0, 2**62)
+        rows = {(n.decode(), t): (c, s, lo, hi) for n, t, c, s, lo, hi in zip(
+            *(got[k].tolist() for k in ("name", "t", "n", "sum", "min", "max")), strict=True)}
+        want = {}
+        for m, t, v in zip(meter.tolist(), ts.tolist(), value.tolist(), strict=True):
+            key = (IPS[m], t - t % width)
+            c, s, lo, hi = want.get(key, (0, 0.0, np.inf, -np.inf))
+            want[key] = (c + 1, s + v, min(lo, v), max(hi, v))
+        assert rows.keys() == want.keys()
+        for key, (c, s, lo, hi) in want.items():
+            assert rows[key][0] == c and rows[key][2:] == (lo, hi)
+            assert rows[key][1] == pytest.approx(s)
+    db.close()
+
+
+def test_retention_removes_old_rows_in_steps_and_keeps_the_rest(db_url):
+    retention = Retention(readings_days=1, power_days=1, rejected_days=0, rollup_1m_days=2,
+                          rollup_1h_days=0, step_rows=300)
+    db = open_database(db_url, METERS, retention=retention)
+    day = 86_400_000_000
+    now = T0 + 10 * day
+    old = raw("s", 0, 1000, step_us=60_000_000)  # ~17 hours, from T0 (ten days ago)
+    new = RawBatch("s", 1, 0, np.zeros(10, np.int64), now - day // 2 + np.arange(10),
+                   np.ones(10))
+    db.write([old, new])
+    db.write([PowerBatch(power_cols(b"main", [T0, now - 5], [1.0, 2.0]))])
+    steps = 0
+    while True:
+        removed = db.retention_step(now)
+        assert all(n <= 300 for n in removed.values())
+        steps += 1
+        if not any(removed.values()):
+            break
+        assert steps < 50
+    assert steps > 3  # a little at a time
+    assert stored(db) == expected(new)
+    assert db.totals()["readings"] == 10
+    assert db.power(["main"], 0, 2**62)["ts_us"].tolist() == [now - 5]
+    assert db.rollup("readings", "1m", IPS, 0, now - 2 * day).get("t").size == 0
+    assert db.rollup("readings", "1h", IPS, 0, 2**62)["n"].sum() == 1010  # kept forever
+    db.close()

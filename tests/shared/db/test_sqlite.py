@@ -1,0 +1,174 @@
+"""What only the SQLite backend has: a bounded WAL under a writer that never pauses, a full disk
+(a real one: a small tmpfs), and the migration from schema 1."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from services.storage.writer import Writer
+from shared.config import Meter
+from shared.db import DiskFull, RawBatch
+from shared.db.sqlite import SqliteDatabase
+from tests.shared.db.conftest import T0
+
+METERS = (Meter("10.0.0.1", "V", 0.0, 110.0), Meter("10.0.0.2", "A", 0.0, 5.0))
+
+
+def batch(seq: int, n: int = 2000) -> RawBatch:
+    k = np.arange(seq * n, (seq + 1) * n)
+    return RawBatch("s", seq, 0, (k % 2).astype(np.int64), T0 + k * 1000, k * 0.25)
+
+
+def test_wal_stays_bounded_under_a_writer_that_never_pauses(tmp_path):
+    path = str(tmp_path / "w.db")
+    db = SqliteDatabase(path, METERS, wal_max_mb=2)
+    stop = threading.Event()
+
+    def reader() -> None:  # short read transactions, as the dashboard or power would make
+        conn = sqlite3.connect(path, timeout=5)
+        while not stop.is_set():
+            conn.execute("SELECT count(*) FROM readings_1m").fetchone()
+        conn.close()
+
+    t = threading.Thread(target=reader)
+    t.start()
+    biggest = 0
+    try:
+        for seq in range(300):  # ~600k rows, several times the bound in WAL frames
+            db.write([batch(seq)])
+            biggest = max(biggest, os.stat(path + "-wal").st_size)
+    finally:
+        stop.set()
+        t.join()
+    state = db.upkeep_state()
+    db.close()
+    assert state["wal_restarts"] > 0
+    # the bound plus what one transaction adds before the next looks at the size
+    assert biggest < 2 * (1 << 20) + 1.5 * (1 << 20), biggest
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real filesystem of 6 MB (tmpfs; needs root, as CI has)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small filesystem needs root")
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    """Take every free byte of the filesystem with one file."""
+    filler = directory / "filler"
+    with open(filler, "wb") as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 65536)
+            f.flush()
+    return filler
+
+
+def test_full_disk_fails_the_write_cleanly_and_checkpoints_recover(small_disk):
+    path = str(small_disk / "w.db")
+    db = SqliteDatabase(path, METERS, wal_max_mb=64)
+    db.write([batch(0)])
+    filler = fill(small_disk)
+    with pytest.raises(DiskFull):
+        for seq in range(1, 200):
+            db.write([batch(seq)])
+    failed_seq = seq
+    # the checkpoint thread fails too: the WAL's pages past the file's end cannot be copied in
+    deadline = time.monotonic() + 10
+    while db.upkeep_state()["checkpoint_failing"] is None:
+        assert time.monotonic() < deadline, "checkpoints did not fail on a full disk"
+        time.sleep(0.05)
+    filler.unlink()  # space returns
+    assert db.write([batch(failed_seq)]) == [True]  # the batch that failed, now written
+    deadline = time.monotonic() + 40
+    while db.upkeep_state()["checkpoint_failing"] is not None:
+        assert time.monotonic() < deadline, "checkpoints did not recover"
+        time.sleep(0.1)
+    assert db.upkeep_state()["checkpoint_failures"] >= 1
+    readings = db.totals()["readings"]
+    db.close()
+    assert readings == 2000 * (failed_seq + 1)  # every batch committed, none twice
+
+
+def test_writer_holds_a_batch_while_the_disk_is_full_and_writes_it_later(small_disk):
+    path = str(small_disk / "w.db")
+    db = SqliteDatabase(path, METERS)
+    writer = Writer(db, retention=False)
+    filler = fill(small_disk)
+    for seq in range(3):  # one being written, two waiting: submit would block on the next
+        writer.submit(seq, [batch(seq)])
+    deadline = time.monotonic() + 30
+    while writer.disk_full is None:
+        assert time.monotonic() < deadline, "the writer never noticed the full disk"
+        time.sleep(0.05)
+    done_while_full = writer.completed()
+    filler.unlink()
+    for seq in range(3, 6):
+        writer.submit(seq, [batch(seq)])
+    writer.close()
+    writer.check()  # no failure: the full disk was waited out
+    done = done_while_full + writer.completed()
+    assert [tag for tag, _ in done] == list(range(6))
+    assert all(applied == [True] for _, applied in done)
+    assert db.totals()["readings"] == 6 * 2000
+    db.close()
+
+
+SCHEMA_1 = """
+CREATE TABLE meters (id INTEGER PRIMARY KEY, ip TEXT NOT NULL UNIQUE, unit TEXT NOT NULL,
+    range_start REAL NOT NULL, range_stop REAL NOT NULL);
+CREATE TABLE readings (meter_id INTEGER NOT NULL REFERENCES meters(id), ts_us INTEGER NOT NULL,
+    value REAL NOT NULL);
+CREATE INDEX readings_meter_ts ON readings (meter_id, ts_us);
+CREATE TABLE circuits (id INTEGER PRIMARY KEY, name TEXT NOT NULL, v_meter TEXT NOT NULL,
+    a_meter TEXT NOT NULL, UNIQUE (name, v_meter, a_meter));
+CREATE TABLE power (circuit_id INTEGER NOT NULL REFERENCES circuits(id), ts_us INTEGER NOT NULL,
+    watts REAL NOT NULL, volts REAL NOT NULL, amps REAL NOT NULL);
+CREATE INDEX power_circuit_ts ON power (circuit_id, ts_us);
+CREATE VIEW power_view AS SELECT c.name AS circuit, p.ts_us AS ts_us, p.watts AS watts
+    FROM power p JOIN circuits c ON c.id = p.circuit_id;
+CREATE TABLE rejected (t_recv REAL NOT NULL, peer TEXT NOT NULL, reason TEXT NOT NULL,
+    message TEXT NOT NULL, line BLOB NOT NULL);
+CREATE TABLE applied (source TEXT PRIMARY KEY, seq INTEGER NOT NULL);
+INSERT INTO meters VALUES (1, '10.0.0.1', 'V', 0, 110), (2, '10.0.0.2', 'A', 0, 5);
+INSERT INTO readings VALUES (1, 1000, 230.0), (2, 1000, 2.0), (2, 61000000, 3.0);
+INSERT INTO circuits VALUES (1, 'c', '10.0.0.1', '10.0.0.2');
+INSERT INTO power VALUES (1, 1000, 460.0, 230.0, 2.0), (1, 1000, 460.0, 230.0, 2.0),
+    (1, 2000, 10.0, 5.0, 2.0);
+INSERT INTO rejected VALUES (1.0, 'p', 'malformed', 'm', X'00');
+INSERT INTO applied VALUES ('ingest-old', 41);
+"""
+
+
+def test_schema_1_is_migrated_keeping_the_data(tmp_path):
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(SCHEMA_1)
+    conn.close()
+    db = SqliteDatabase(str(path), METERS)
+    assert db.totals() == {"readings": 3, "power": 2, "rejected": 1, "rejected.malformed": 1}
+    assert db.power(["c"], 0, 10**9)["ts_us"].tolist() == [1000, 2000]  # the twin is one now
+    assert db.low_marks() == {"ingest-old": 41}
+    assert db.write([RawBatch("ingest-old", 41, 0, np.zeros(1, np.int64), np.ones(1, np.int64),
+                              np.ones(1))]) == [False]  # applied under schema 1
+    assert db.rollup("readings", "1m", ["10.0.0.2"], 0, 10**9)["n"].tolist() == [1, 1]
+    db.close()
+    again = SqliteDatabase(str(path), METERS)  # a second start finds schema 2: nothing to do
+    assert again.totals()["readings"] == 3
+    again.close()
