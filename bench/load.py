@@ -30,15 +30,21 @@ METERS = (("10.0.0.1", "V", 0.0, 110.0), ("10.0.0.2", "A", 0.0, 0.5),
 GROUP_SIZE = len(METERS)  # lines per tick
 
 
-def make_payload(conn: int, conns: int, ticks: int, t0_us: int = T0) -> bytes:
+BAD_VALUE = b"99.000\n"  # out of range for 10.0.0.3 (A, 0.2-1): the soak's invalid lines
+BAD_METER = 2
+
+
+def make_payload(conn: int, conns: int, ticks: int, t0_us: int = T0, step_us: int = STEP_US,
+                 bad_every: int = 0) -> bytes:
     """The lines of connection ``conn`` of ``conns``: ``ticks`` ticks of all five meters.
 
-    Tick ``k`` is global tick ``g = k * conns + conn`` at ``t0_us + g * STEP_US``; meter ``i``
-    reads ``lo + (hi - lo) * ((g * 7 + i * 13) % 100) / 100`` (``%.3f``). Made with NumPy
-    (about 0.35 us a line): every line is laid out zero-padded in a fixed-width row, the
+    Tick ``k`` is global tick ``g = k * conns + conn`` at ``t0_us + g * step_us``; meter ``i``
+    reads ``lo + (hi - lo) * ((g * 7 + i * 13) % 100) / 100`` (``%.3f``); with ``bad_every``,
+    meter 10.0.0.3 reads 99 (out of range) in every tick whose ``g`` it divides. Made with
+    NumPy (about 0.35 us a line): every line is laid out zero-padded in a fixed-width row, the
     padding dropped at the end; tests/bench checks it against a line-by-line version."""
     g = np.arange(ticks, dtype=np.int64) * conns + conn
-    stamps = np.datetime_as_string((t0_us + g * STEP_US).astype("datetime64[us]"), unit="us")
+    stamps = np.datetime_as_string((t0_us + g * step_us).astype("datetime64[us]"), unit="us")
     ts = np.frombuffer(stamps.astype("S26").tobytes(), np.uint8).reshape(ticks, 26).copy()
     ts[ts == ord("-")] = ord(".")  # 2025-01-01T00:00:00.000000 -> 2025.01.01 00:00:00.000000
     ts[ts == ord("T")] = ord(" ")
@@ -52,6 +58,8 @@ def make_payload(conn: int, conns: int, ticks: int, t0_us: int = T0) -> bytes:
         rows[:, i, ip_w] = rows[:, i, ip_w + 27] = ord("\t")
         rows[:, i, ip_w + 1 : ip_w + 27] = ts
         table = np.array(values[i], dtype=f"S{val_w}")[(g * 7 + i * 13) % 100]
+        if bad_every and i == BAD_METER:
+            table[g % bad_every == 0] = BAD_VALUE
         rows[:, i, ip_w + 28 :] = np.frombuffer(table.tobytes(), np.uint8).reshape(ticks, val_w)
     flat = rows.reshape(-1)
     return flat[flat != 0].tobytes()
@@ -115,14 +123,66 @@ def _send_paced(sock: socket.socket, payload: bytes, ends: list[int]) -> None:
         start = end
 
 
+def wallclock(port: int, conns: int, rate_per_conn: float, seconds: float,
+              bad_every: int = 100) -> dict:
+    """Meters stamped with the wall clock, for ``seconds``: every 10 ms each connection sends
+    the ticks due in that slice (global tick ``g`` of the slice at its start + ``g * step``)."""
+    ticks_per_slice = max(1, round(rate_per_conn * conns / GROUP_SIZE / 100))  # all conns
+    per_conn = max(1, ticks_per_slice // conns)
+    ticks_per_slice = per_conn * conns
+    step_us = 10_000 // ticks_per_slice
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(conns)]
+    slices = int(seconds * 100)
+    begin_us = (time.time_ns() // 1000 // 10_000 + 1) * 10_000
+    invalid = [0] * conns
+    errors: list[BaseException] = []
+
+    def run(c: int, sock: socket.socket) -> None:
+        try:
+            for i in range(slices):
+                t0 = begin_us + i * 10_000
+                delay = t0 / 1e6 - time.time()
+                if delay > 0:
+                    time.sleep(delay)
+                sock.sendall(make_payload(c, conns, per_conn, t0, step_us, bad_every))
+                g = np.arange(per_conn) * conns + c
+                invalid[c] += int((g % bad_every == 0).sum()) if bad_every else 0
+            sock.shutdown(socket.SHUT_WR)
+            sock.recv(1)
+        except OSError as exc:
+            errors.append(exc)
+        finally:
+            sock.close()
+
+    threads = [threading.Thread(target=run, args=(c, s)) for c, s in enumerate(socks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise SystemExit(f"load: {errors[0]}")
+    ticks = slices * per_conn * conns
+    bad = sum(invalid)
+    per_meter = {ip: ticks - (bad if i == BAD_METER else 0) for i, (ip, *_) in enumerate(METERS)}
+    return {"t_first_byte": begin_us / 1e6, "t_all_sent": time.time(),
+            "lines": ticks * GROUP_SIZE, "invalid": bad, "per_meter": per_meter}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--connections", type=int, default=20)
-    ap.add_argument("--ticks", type=int, required=True, help="ticks (5 lines) per connection")
+    ap.add_argument("--ticks", type=int, help="ticks (5 lines) per connection")
     ap.add_argument("--rate", type=float, help="lines/s per connection (default: flat out)")
     ap.add_argument("--t0-us", type=int, default=T0, help="timestamp of the first tick")
+    ap.add_argument("--wallclock", action="store_true",
+                    help="stamp lines with the time now, for --seconds (the soak)")
+    ap.add_argument("--seconds", type=float, default=10.0)
     args = ap.parse_args()
+    if args.wallclock:
+        print(json.dumps(wallclock(args.port, args.connections, args.rate, args.seconds)),
+              flush=True)
+        return
     payloads = [make_payload(c, args.connections, args.ticks, args.t0_us)
                 for c in range(args.connections)]
     print(json.dumps(send(args.port, payloads, args.rate)), flush=True)

@@ -374,7 +374,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a small run (seconds)")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "latest.json"))
+    ap.add_argument("--soak", type=float, metavar="MINUTES",
+                    help="instead: a soak of this many minutes (see bench/soak.py)")
+    ap.add_argument("--rate", type=float, default=100_000,
+                    help="with --soak: lines/s offered (default 100000)")
+    ap.add_argument("--wal-max-mb", type=float, default=64,
+                    help="with --soak: storage.wal_max_mb (default 64)")
     args = ap.parse_args(argv)
+    if args.soak:
+        return run_soak(args)
     conns, lat_conns = 10, 20
     ticks = 4_000 if args.quick else 100_000  # x5 lines x conns: 200k or 5M lines
     lat_rate, lat_s = (20_000, 2.0) if args.quick else (100_000, 10.0)
@@ -433,6 +441,22 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.json).write_text(json.dumps(report, indent=2))
     print(f"\nJSON: {args.json}")
     return 0
+
+
+def run_soak(args) -> int:
+    from bench.soak import print_soak, soak
+
+    print(f"soak: {args.soak} min at {args.rate:,.0f} lines/s ...", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        report = {"machine": machine(), "soak": soak(Path(tmp), args.soak, args.rate,
+                                                      args.wal_max_mb)}
+    print_soak(report["soak"])
+    out = Path(args.json).with_name("soak-latest.json") if args.json.endswith(
+        "latest.json") else Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nJSON: {out}")
+    return 0 if report["soak"]["exact"] else 1
 
 
 def machine() -> dict:

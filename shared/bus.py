@@ -3,6 +3,10 @@
 The broker binds an XSUB socket (publishers connect) and an XPUB socket (subscribers connect);
 every service connects to those two endpoints. Publishers use XPUB sockets so they *see*
 subscriptions arriving through the broker and can hold data until someone listens for it.
+
+Beside the pub/sub bus the broker runs a work queue: a PULL socket that senders of numbered
+batches (ingest) PUSH into, and a PUSH socket that storage replicas PULL from, so each batch
+goes to one replica (round robin among those with room), not to all.
 """
 
 from __future__ import annotations
@@ -71,14 +75,41 @@ class Publisher:
         self.sock.close()
 
 
-class Subscriber:
-    """Receives and decodes messages; counts sequence gaps per (sender, topic)."""
+class Pusher:
+    """Hands numbered batches to the work queue (the broker's PULL side): each batch goes to
+    one of the storage replicas pulling from it, not to all."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, topics: list[bytes], hwm: int = 10000):
-        self.sock = ctx.socket(zmq.SUB)
+    def __init__(self, ctx: zmq.Context, endpoint: str, src: str, hwm: int = 10000):
+        self.src = src
+        self.sock = ctx.socket(zmq.PUSH)
+        self.sock.setsockopt(zmq.SNDHWM, hwm)
+        self.sock.setsockopt(zmq.LINGER, LINGER_MS)
+        self.sock.connect(endpoint)
+
+    def send_seq(self, topic: bytes, seq: int, data: Any) -> bool:
+        """Send a batch under its number (first time or again); False if the queue is full."""
+        body = messages.encode(self.src, seq, time.time(), data)
+        try:
+            self.sock.send_multipart([topic, body], flags=zmq.DONTWAIT)
+        except zmq.Again:
+            return False
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Subscriber:
+    """Receives and decodes messages; counts sequence gaps per (sender, topic). With
+    ``pull``, a PULL socket on the work queue instead (a share of the batches: no gaps)."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, topics: list[bytes], hwm: int = 10000,
+                 pull: bool = False):
+        self.pull = pull
+        self.sock = ctx.socket(zmq.PULL if pull else zmq.SUB)
         self.sock.setsockopt(zmq.RCVHWM, hwm)
         self.sock.setsockopt(zmq.LINGER, 0)
-        for topic in topics:
+        for topic in () if pull else topics:
             self.sock.setsockopt(zmq.SUBSCRIBE, topic)
         self.sock.connect(endpoint)
         self.last_seq: dict[tuple[str, bytes], int] = {}
@@ -118,6 +149,8 @@ class Subscriber:
             self.bad += 1
             log.warning("dropped a message: %s", exc)
             return None
+        if self.pull:
+            return msg
         key = (msg.src, msg.topic)
         last = self.last_seq.get(key)
         if last is not None and msg.seq != last + 1:

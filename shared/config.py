@@ -35,8 +35,11 @@ DEFAULTS: dict[str, Any] = {
     "meters": DEFAULT_METERS,
     "meters_file": None,
     "circuits": None,
-    "bus": {"publish": "tcp://127.0.0.1:5550", "subscribe": "tcp://127.0.0.1:5551", "hwm": 10000},
-    "broker": {"xsub_bind": "tcp://*:5550", "xpub_bind": "tcp://*:5551"},
+    "bus": {"publish": "tcp://127.0.0.1:5550", "subscribe": "tcp://127.0.0.1:5551",
+            "push": "tcp://127.0.0.1:5552", "pull": "tcp://127.0.0.1:5553", "hwm": 10000,
+            "pull_hwm": 20},
+    "broker": {"xsub_bind": "tcp://*:5550", "xpub_bind": "tcp://*:5551",
+               "work_in_bind": "tcp://*:5552", "work_out_bind": "tcp://*:5553"},
     "ingest": {
         "host": "0.0.0.0",
         "port": 44444,
@@ -309,6 +312,7 @@ _INTS = {
     ("storage", "batch_max"): (1, 10_000),
     ("plotter", "max_points"): (10, 1_000_000),
     ("bus", "hwm"): (1, 10_000_000),
+    ("bus", "pull_hwm"): (1, 10_000_000),
 }
 _POSITIVE = {
     ("ingest", "flush_ms"),
@@ -328,6 +332,10 @@ _STRINGS = {
     ("bus", "subscribe"),
     ("broker", "xsub_bind"),
     ("broker", "xpub_bind"),
+    ("broker", "work_in_bind"),
+    ("broker", "work_out_bind"),
+    ("bus", "push"),
+    ("bus", "pull"),
     ("ingest", "host"),
     ("ingest", "journal_dir"),
     ("storage", "path"),

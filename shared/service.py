@@ -18,7 +18,7 @@ from typing import Any
 import zmq
 
 from shared import topics
-from shared.bus import Publisher, Subscriber
+from shared.bus import Publisher, Pusher, Subscriber
 from shared.config import Config
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def tcp_endpoint(endpoint: str) -> tuple[str, int] | None:
 def bound_ports(cfg: Config) -> list[Port]:
     """Every TCP port the stack's services bind."""
     ports = []
-    for key in ("xsub_bind", "xpub_bind"):
+    for key in ("xsub_bind", "xpub_bind", "work_in_bind", "work_out_bind"):
         where = tcp_endpoint(cfg.broker[key])
         if where:
             ports.append(broker_port(key, *where))
@@ -71,7 +71,8 @@ def bound_ports(cfg: Config) -> list[Port]:
 
 
 def broker_port(key: str, host: str, port: int) -> Port:
-    match = "bus.publish" if key == "xsub_bind" else "bus.subscribe"
+    match = {"xsub_bind": "bus.publish", "xpub_bind": "bus.subscribe",
+             "work_in_bind": "bus.push", "work_out_bind": "bus.pull"}[key]
     return Port(f"broker ({key})", host, port, f"broker.{key}",
                 also=f" (and {match} to match, where the services connect)")
 
@@ -110,7 +111,7 @@ class Runtime:
         self.stopping = threading.Event()
         self.counters: Counter[str] = Counter()
         self.gauges: dict[str, Any] = {}
-        self._sockets: list[Publisher | Subscriber] = []
+        self._sockets: list[Publisher | Pusher | Subscriber] = []
         self._stats_pub: Publisher | None = None
         self._next_tick = 0.0
         self._started = time.time()
@@ -142,6 +143,20 @@ class Runtime:
         sub = Subscriber(self.ctx, self.cfg.bus["subscribe"], wanted, self.cfg.bus["hwm"])
         self._sockets.append(sub)
         return sub
+
+    def pusher(self) -> Pusher:
+        """Numbered batches into the work queue (one storage replica takes each)."""
+        push = Pusher(self.ctx, self.cfg.bus["push"], self.src, self.cfg.bus["hwm"])
+        self._sockets.append(push)
+        return push
+
+    def puller(self) -> Subscriber:
+        """A share of the work queue's batches. Few wait here (``bus.pull_hwm``): the rest
+        stay at the broker for other replicas, and a replica that dies takes few with it."""
+        pull = Subscriber(self.ctx, self.cfg.bus["pull"], [], self.cfg.bus["pull_hwm"],
+                          pull=True)
+        self._sockets.append(pull)
+        return pull
 
     def tick(self) -> None:
         """Call often from the main loop: at most once per interval, heartbeat and stats."""

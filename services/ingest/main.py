@@ -1,4 +1,5 @@
-"""ingest: accept meters' TCP connections, frame lines, publish them in batches on ``raw``.
+"""ingest: accept meters' TCP connections, frame lines, hand them in numbered ``raw`` batches
+to the work queue (one storage replica takes each).
 
 Per chunk received (not per line) a connection's Framer (framing.py) splits off the unfinished
 last line and cuts over-long lines (they travel in the batch as rejections); the rest joins the
@@ -7,8 +8,8 @@ pending batch. A batch is made as soon as the event loop has handled what its so
 and at once whenever ``batch_lines`` lines wait or the bytes read but not yet journaled pass
 ``unjournaled_kb`` in all or ``unjournaled_kb_per_connection`` for one connection (what a
 kill -9 of ingest can lose). Its Outbox (shared/outbox.py) numbers it, journals it, sends it
-and keeps it until storage acks it (resending when acks stop coming). While nobody listens on
-``raw`` or the bus is full, batches wait; once what ingest holds passes ``max_buffer_mb``,
+and keeps it until storage acks it (resending when acks stop coming). While the work queue is
+full, batches wait; once what ingest holds passes ``max_buffer_mb``,
 connections stop being read, so meters feel TCP backpressure instead of losing lines.
 """
 
@@ -140,6 +141,7 @@ class Ingest:
         self.rt = rt
         self.cfg = rt.cfg.ingest
         self.pub = rt.publisher()
+        self.work = rt.pusher()
         self.outbox = Outbox(self._send, self.cfg["ack_timeout_s"], rt.counters, journal)
         next_seq, batches = journal.load()
         self.outbox.next_seq = next_seq
@@ -286,11 +288,13 @@ class Ingest:
         self.outbox.pump()
 
     def _send(self, seq: int, data: dict) -> bool:
-        if not self.pub.has_subscriber(topics.RAW):
-            self.rt.gauges["waiting_for_subscriber"] = True
+        """Into the work queue (one storage replica takes it); a copy on the bus for whoever
+        listens on ``raw`` there (``wattflow tap raw``)."""
+        if not self.work.send_seq(topics.RAW, seq, data):
             return False
-        self.rt.gauges["waiting_for_subscriber"] = False
-        return self.pub.send_seq(topics.RAW, seq, data)
+        if self.pub.has_subscriber(topics.RAW):
+            self.pub.send_seq(topics.RAW, seq, data)
+        return True
 
     def buffered(self) -> int:
         return self.pending_bytes + self.outbox.bytes

@@ -13,15 +13,18 @@ say why.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import time
 
 import numpy as np
+import zmq
 
 from services.storage.writer import Writer
 from shared import parsing, topics
 from shared.config import Config
-from shared.db import PowerBatch, RawBatch, Retention, open_database, storage_url
+from shared.db import PowerBatch, RawBatch, Retention, open_database, sqlite_path, storage_url
 from shared.messages import Message
 from shared.service import Runtime
 
@@ -37,7 +40,11 @@ class Storage:
         self.table = parsing.MeterTable(rt.cfg.meters)
         self.db = open_database(storage_url(cfg), rt.cfg.meters, rt.cfg.circuits,
                                 Retention.from_config(cfg), wal_max_mb=cfg["wal_max_mb"])
-        self.sub = rt.subscriber([topics.RAW, topics.POWER])
+        self.work = rt.puller()  # raw batches: a share of the work queue
+        self.sub = rt.subscriber([topics.POWER])
+        self.poller = zmq.Poller()
+        self.poller.register(self.work.sock, zmq.POLLIN)
+        self.poller.register(self.sub.sock, zmq.POLLIN)
         self.pub = rt.publisher()
         self.batch_max = cfg["batch_max"]
         self.writer = Writer(self.db)
@@ -58,8 +65,9 @@ class Storage:
         msgs: list[Message] = []
         if self.paused or self.writer.disk_full:
             time.sleep(timeout_ms / 1000)
-        else:
-            msgs = self.sub.recv_batch(timeout_ms, self.batch_max)
+        elif self.poller.poll(timeout_ms):
+            msgs = (self.work.recv_batch(0, self.batch_max)
+                    + self.sub.recv_batch(0, self.batch_max))
         if msgs:
             self.handle(msgs)
         self.finish(self.writer.completed())
@@ -75,6 +83,8 @@ class Storage:
         free = self.db.free_bytes()
         state = self.db.upkeep_state()
         self.rt.gauges.update(state)
+        # the database's totals (other replicas write too); what this one stored is counted
+        self.totals = self.rt.gauges["db"] = self.db.totals()
         if free is None:
             return
         self.rt.gauges["free_mb"] = round(free / (1 << 20), 1)
@@ -206,6 +216,7 @@ class Storage:
         for r in b.rejected:
             c[f"rejected.{r[2]}"] += 1
             t[f"rejected.{r[2]}"] = t.get(f"rejected.{r[2]}", 0) + 1
+        c["batches_applied"] += 1
 
     def close(self) -> None:
         """Commit (and ack) what the writer holds, then close the database."""
@@ -221,10 +232,46 @@ _EMPTY_I = np.empty(0, np.int64)
 _EMPTY_F = np.empty(0, np.float64)
 
 
+def sqlite_leader(rt: Runtime) -> object | None:
+    """On SQLite one replica writes; the others wait as hot standbys. The writer holds an
+    exclusive lock on ``<database>.lock`` (the kernel frees it when the process dies, also by
+    kill -9), a standby tries to take it twice a second. Returns the held lock (keep it
+    referenced), or None when stopping first. PostgreSQL: every replica writes (None needed)."""
+    url = storage_url(rt.cfg.storage)
+    if not url.startswith("sqlite"):
+        return True
+    path = sqlite_path(url) + ".lock"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    lock = open(path, "a+")  # noqa: SIM115 (held for the life of the process)
+    said = False
+    while not rt.stopping.is_set():
+        try:
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if said:
+                log.warning("taking over: this replica now writes %s", url)
+            rt.gauges["role"] = "writer"
+            return lock
+        except OSError:
+            if not said:
+                log.info("standby: another storage replica writes %s (SQLite has one writer); "
+                         "taking over when it stops", url)
+                said = True
+            rt.gauges["role"] = "standby"
+            rt.tick()
+            rt.stopping.wait(0.5)
+    lock.close()
+    return None
+
+
 def run(cfg: Config) -> int:
     rt = Runtime("storage", cfg)
     rt.install_signals()
+    leader = sqlite_leader(rt)
+    if leader is None:  # stopped while standing by
+        rt.close()
+        return 0
     storage = Storage(rt)
+    rt.gauges.setdefault("role", "writer")
     log.info("storage up: database %s, %d meters", storage.db.url, len(cfg.meters))
     try:
         while not rt.stopping.is_set():

@@ -161,7 +161,8 @@ class SqliteDatabase:
         self.circuit_ids: dict[tuple[str, str, str], int] = {}
         self.state: dict[str, Any] = {"checkpoint_failing": None, "wal_restarts": 0,
                                       "wal_restart_busy": 0, "retention_deleted": 0}
-        self._retention_pos = 0
+        self._readers = threading.local()
+        self._reader_conns: list[sqlite3.Connection] = []
         self._stop = threading.Event()
         self._checkpointer = None
         if checkpoints:
@@ -501,19 +502,30 @@ class SqliteDatabase:
 
     # ---- reading -------------------------------------------------------------------------
 
+    def _reader(self) -> sqlite3.Connection:
+        """A connection of the calling thread's own for reads (the writer's connection may be
+        inside a transaction on its thread)."""
+        conn = getattr(self._readers, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                   timeout=self.busy_timeout_s)
+            self._readers.conn = conn
+            self._reader_conns.append(conn)
+        return conn
+
     def low_marks(self) -> dict[str, int]:
-        return dict(self.conn.execute("SELECT source, low FROM sources"))
+        return dict(self._reader().execute("SELECT source, low FROM sources"))
 
     def totals(self) -> dict[str, int]:
         totals = {"readings": 0, "power": 0, "rejected": 0}
-        totals.update(self.conn.execute("SELECT name, n FROM totals"))
+        totals.update(self._reader().execute("SELECT name, n FROM totals"))
         return totals
 
     def readings(self, meters: list[str], t0_us: int, t1_us: int) -> dict[str, np.ndarray]:
         """Stored readings of ``meters`` with t0 <= ts_us <= t1, by meter then time."""
         rows = []
         for ip in meters:
-            rows += self.conn.execute(
+            rows += self._reader().execute(
                 "SELECT m.ip, r.ts_us, r.value FROM readings r JOIN meters m ON m.id = r.meter_id"
                 " WHERE m.ip = ? AND r.ts_us BETWEEN ? AND ? ORDER BY r.ts_us",
                 (ip, t0_us, t1_us)).fetchall()
@@ -523,7 +535,7 @@ class SqliteDatabase:
         """Stored power points of ``circuits`` with t0 <= ts_us <= t1, by circuit then time."""
         rows = []
         for name in circuits:
-            rows += self.conn.execute(
+            rows += self._reader().execute(
                 "SELECT c.name, p.ts_us, p.watts, p.volts, p.amps FROM power p"
                 " JOIN circuits c ON c.id = p.circuit_id WHERE c.name = ?"
                 " AND p.ts_us BETWEEN ? AND ? ORDER BY p.ts_us", (name, t0_us, t1_us)).fetchall()
@@ -542,7 +554,7 @@ class SqliteDatabase:
         extra = ", r.wh" if kind == "power" else ""
         rows = []
         for name in names:
-            rows += self.conn.execute(
+            rows += self._reader().execute(
                 f"SELECT o.{col}, r.t, r.n, r.sum, r.min, r.max{extra} FROM {kind}_{resolution} r"
                 f" JOIN {owner} o ON o.id = r.{key} WHERE o.{col} = ? AND r.t BETWEEN ? AND ?"
                 f" ORDER BY r.t", (name, t0_us, t1_us)).fetchall()
@@ -558,6 +570,8 @@ class SqliteDatabase:
             self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.OperationalError as exc:  # a full disk: the WAL stays, nothing lost
             log.warning("final WAL checkpoint failed: %s", exc)
+        for conn in self._reader_conns:
+            conn.close()
         self.conn.close()
 
 

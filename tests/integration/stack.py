@@ -53,8 +53,11 @@ class Stack:
         bus = tmp / "bus"
         bus.mkdir(exist_ok=True)
         self.config: dict[str, Any] = {
-            "bus": {"publish": f"ipc://{bus}/xsub", "subscribe": f"ipc://{bus}/xpub"},
-            "broker": {"xsub_bind": f"ipc://{bus}/xsub", "xpub_bind": f"ipc://{bus}/xpub"},
+            "bus": {"publish": f"ipc://{bus}/xsub", "subscribe": f"ipc://{bus}/xpub",
+                    "push": f"ipc://{bus}/work-in", "pull": f"ipc://{bus}/work-out"},
+            "broker": {"xsub_bind": f"ipc://{bus}/xsub", "xpub_bind": f"ipc://{bus}/xpub",
+                       "work_in_bind": f"ipc://{bus}/work-in",
+                       "work_out_bind": f"ipc://{bus}/work-out"},
             "ingest": {"host": "127.0.0.1", "port": self.port,
                        "journal_dir": str(tmp / "data" / "journal")},
             # the tests' lines are stamped in 2024: no retention unless a test asks for it
@@ -129,16 +132,17 @@ class Stack:
         return sub
 
     def wait_ready(self, timeout: float = 30.0) -> dict[str, dict]:
-        """Every service reports, and the subscriptions data depends on have reached the
-        publishers: ingest sees a `raw` listener (storage), storage a `reading` one (power)."""
+        """Every service reports, storage writes (not a standby), and the subscriptions data
+        depends on have reached the publishers: storage sees an `ack` listener (ingest) and a
+        `reading` one (power)."""
         latest = self.last_stats
 
         def ready() -> bool:
             self.check_alive()
             self.stats()
             return (set(latest) >= set(SERVICES)
-                    and "raw" in latest["ingest"]["subscribed"]
-                    and "reading" in latest["storage"]["subscribed"])
+                    and latest["storage"]["gauges"].get("role") == "writer"
+                    and {"ack", "reading"} <= set(latest["storage"]["subscribed"]))
 
         wait_for(ready, timeout, f"all services ready (seen: {sorted(latest)})")
         return latest
