@@ -131,7 +131,7 @@ class Stack:
         self.subs.append(sub)
         return sub
 
-    def wait_ready(self, timeout: float = 30.0) -> dict[str, dict]:
+    def wait_ready(self, timeout: float = 90.0) -> dict[str, dict]:
         """Every service reports, storage writes (not a standby), and the subscriptions data
         depends on have reached the publishers: storage sees an `ack` listener (ingest) and a
         `reading` one (power)."""
