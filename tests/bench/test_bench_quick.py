@@ -29,6 +29,7 @@ def test_load_payload_is_the_documented_lines(conn, conns, ticks, t0_us):
                                                                            t0_us)
 
 
+@pytest.mark.timeout(900)
 def test_quick_benchmark_reports_consistent_counts(tmp_path):
     out = tmp_path / "bench.json"
     run = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--json", str(out)],
