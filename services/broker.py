@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import zmq
 
+from shared import topics
+from shared.bus import Subscriber
 from shared.config import Config
 from shared.service import CannotStart, Runtime, broker_port, tcp_endpoint
 
@@ -45,8 +48,11 @@ def run(cfg: Config) -> int:
     log.info("broker up: publishers -> %s, subscribers -> %s; work queue: senders -> %s, "
              "storage replicas -> %s", cfg.broker["xsub_bind"], cfg.broker["xpub_bind"],
              cfg.broker["work_in_bind"], cfg.broker["work_out_bind"])
+    roster = Roster(rt)
     while not rt.stopping.wait(0.2):
+        roster.update()
         rt.tick()  # heartbeat file, and stats through the bus like any service
+    roster.close()
     for control, thread in proxies:
         control.send(b"TERMINATE")
         thread.join(timeout=5)
@@ -77,3 +83,32 @@ def _start_proxy(rt: Runtime, front: zmq.Socket, back: zmq.Socket, name: str):
     thread = threading.Thread(target=proxy, name=f"proxy-{name}", daemon=True)
     thread.start()
     return control, thread
+
+
+class Roster:
+    """Every service instance that reports on ``stats``, and when it last did: published in the
+    broker's own stats (gauge ``members``), so a one-shot ``wattflow status`` can name a replica
+    that stopped reporting (killed, hung) and not only the ones it hears. An instance that
+    stops in order says so in its last stats and leaves the roster."""
+
+    FORGET_S = 600.0
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+        self.sub = Subscriber(rt.ctx, rt.cfg.bus["subscribe"], [topics.STATS])
+        self.seen: dict[str, tuple[str, float]] = {}  # instance -> (service, last seen)
+
+    def update(self) -> None:
+        now = time.time()
+        for msg in self.sub.recv_batch(0, 10_000):
+            data = msg.data if isinstance(msg.data, dict) else {}
+            if data.get("stopped"):
+                self.seen.pop(msg.src, None)
+            else:
+                self.seen[msg.src] = (str(data.get("service", "?")), now)
+        self.seen = {k: v for k, v in self.seen.items() if now - v[1] < self.FORGET_S}
+        self.rt.gauges["members"] = {k: {"service": s, "age_s": round(now - t, 1)}
+                                     for k, (s, t) in self.seen.items()}
+
+    def close(self) -> None:
+        self.sub.close()

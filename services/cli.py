@@ -15,6 +15,7 @@ from shared import topics
 from shared.service import EXIT_CANNOT_START, CannotStart, setup_logging
 
 SERVICES = ("broker", "ingest", "storage", "power", "plotter")
+SCALABLE = ("ingest", "storage", "power", "plotter")
 log = logging.getLogger("wattflow")
 
 
@@ -50,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--simulate", action="store_true", help="also start simulated meters")
     up.add_argument("--rate", type=float, default=10.0,
                     help="with --simulate: lines per second per meter (default 10)")
+    up.add_argument("--scale", action="append", default=[], metavar="SERVICE=N",
+                    type=_scale_arg,
+                    help="run N instances of ingest, storage, power or plotter (repeatable; "
+                         "default runtime.scale of the config, 1 each)")
     sim = sub.add_parser("simulate", parents=[common], help="send simulated meter lines",
                          description="Simulated meters (the configured ones), one TCP "
                                      "connection each, sending lines stamped with the time now.")
@@ -116,10 +121,20 @@ def _sigterm_like_ctrl_c() -> None:
     signal.signal(signal.SIGTERM, handle)
 
 
+def _scale_arg(text: str) -> tuple[str, int]:
+    name, _, n = text.partition("=")
+    if name not in SCALABLE or not n.isdigit() or not 1 <= int(n) <= 64:
+        raise argparse.ArgumentTypeError(
+            f"expected SERVICE=N with SERVICE one of {', '.join(SCALABLE)} and N 1..64, "
+            f"got {text!r}")
+    return name, int(n)
+
+
 def cmd_up(cfg, args) -> int:
     from services.supervisor import Supervisor
 
-    return Supervisor(cfg, args.config, simulate_rate=args.rate if args.simulate else None).run()
+    return Supervisor(cfg, args.config, simulate_rate=args.rate if args.simulate else None,
+                      scale=dict(args.scale)).run()
 
 
 def cmd_simulate(cfg, args) -> int:

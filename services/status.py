@@ -24,23 +24,60 @@ def collect(cfg: Config, wait_s: float) -> dict[str, dict]:
         while (left := deadline - time.monotonic()) > 0:
             msg = sub.recv(int(left * 1000) + 1)
             if msg is not None and isinstance(msg.data, dict):
-                latest[msg.src] = dict(msg.data, received=time.time())
+                if msg.data.get("stopped"):  # its last word: it stops in order
+                    latest.pop(msg.src, None)
+                else:
+                    latest[msg.src] = dict(msg.data, received=time.time())
     finally:
         sub.close()
         ctx.term()
     return latest
 
 
-def render(latest: dict[str, dict]) -> str:
+WORK = {"ingest": ("lines_in",), "storage": ("readings_stored", "lines_rejected"),
+        "power": ("readings_in",), "plotter": ("power_in",)}  # an instance's share of the work
+
+
+def shares(latest: dict[str, dict]) -> dict[str, float]:
+    """Each instance's part of its service's work (in %), among the instances heard."""
+    work = {src: sum(s.get("counters", {}).get(k, 0) for k in WORK.get(s.get("service"), ()))
+            for src, s in latest.items()}
+    totals: dict[str, int] = {}
+    for src, s in latest.items():
+        totals[s.get("service")] = totals.get(s.get("service"), 0) + work[src]
+    return {src: round(100 * work[src] / totals[s.get("service")], 1)
+            for src, s in latest.items() if totals.get(s.get("service"))}
+
+
+def silent_instances(cfg: Config, latest: dict[str, dict]) -> dict[str, dict]:
+    """Instances the broker has heard from (its roster) that did not report lately: killed,
+    hung, or cut off. (One that stopped in order left the roster.)"""
+    roster = next((s.get("gauges", {}).get("members", {}) for s in latest.values()
+                   if s.get("service") == "broker"), {})
+    quiet = 3 * cfg.runtime["stats_interval_s"]
+    return {src: m for src, m in roster.items()
+            if src not in latest and m.get("age_s", 0) > quiet}
+
+
+def render(latest: dict[str, dict], silent: dict[str, dict]) -> str:
     if not latest:
         return "no stats received: is the broker running, and are services connected to it?"
-    lines = [f"{'SERVICE':<9} {'INSTANCE':<34} {'UP(s)':>8} {'RESTARTS':>8}  COUNTERS"]
+    share = shares(latest)
+    lines = [f"{'SERVICE':<9} {'INSTANCE':<36} {'ROLE':<8} {'SHARE':>6} {'UP(s)':>8} "
+             f"{'RESTARTS':>8}  COUNTERS"]
     for src, s in sorted(latest.items(), key=lambda kv: (kv[1].get("service", ""), kv[0])):
+        gauges = dict(s.get("gauges", {}))
+        gauges.pop("members", None)
+        role = gauges.pop("role", "")
         counters = " ".join(f"{k}={v}" for k, v in sorted(s.get("counters", {}).items()))
-        gauges = " ".join(f"{k}={v}" for k, v in sorted(s.get("gauges", {}).items()))
-        lines.append(f"{s.get('service', '?'):<9} {src:<34} {s.get('uptime_s', 0):>8} "
-                     f"{s.get('restarts', 0):>8}  "
-                     f"{counters} {gauges}".rstrip())
+        gauge_text = " ".join(f"{k}={v}" for k, v in sorted(gauges.items()))
+        part = f"{share[src]}%" if src in share else ""
+        lines.append(f"{s.get('service', '?'):<9} {src:<36} {role:<8} {part:>6} "
+                     f"{s.get('uptime_s', 0):>8} {s.get('restarts', 0):>8}  "
+                     f"{counters} {gauge_text}".rstrip())
+    for src, m in sorted(silent.items()):
+        lines.append(f"{m.get('service', '?'):<9} {src:<36} {'SILENT':<8} {'':>6} {'':>8} "
+                     f"{'':>8}  no stats for {m.get('age_s')} s (killed, hung or cut off?)")
     return "\n".join(lines)
 
 
@@ -53,15 +90,17 @@ def status(cfg: Config, as_json: bool, wait_s: float | None, watch: bool) -> int
     wait_s = wait_s or cfg.runtime["stats_interval_s"] * 2.5
     while True:
         latest = collect(cfg, wait_s)
-        silent = missing(latest)
+        absent = missing(latest)
+        quiet = silent_instances(cfg, latest)
         if as_json:
-            print(json.dumps({"services": latest, "silent": silent}))
+            print(json.dumps({"services": latest, "silent": absent, "silent_instances": quiet,
+                              "shares": shares(latest)}))
         else:
             if watch:
                 print("\033[2J\033[H", end="")
-            print(render(latest))
-            if silent:
-                print(f"silent: {', '.join(silent)}", file=sys.stderr)
+            print(render(latest, quiet))
+            if absent:
+                print(f"silent: {', '.join(absent)}", file=sys.stderr)
         sys.stdout.flush()
         if not watch:
-            return 1 if silent else 0
+            return 1 if absent or quiet else 0

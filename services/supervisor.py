@@ -3,6 +3,10 @@
 Before anything starts, every port the stack binds is checked: a taken port stops ``up`` at
 once with the port, the config key and the environment variable that change it.
 
+``--scale SERVICE=N`` (or ``runtime.scale``) runs N instances of ingest, storage, power or
+plotter (named ``storage``, ``storage-2``, ...): ingest replicas share the meters' port
+(SO_REUSEPORT), storage replicas share the work queue (see README "Scaling").
+
 Stop order keeps data: meters (simulator) first, then ingest (it publishes what it holds),
 then storage, power and plotter together (each drains its queue until quiet), broker last.
 A service that crashes is restarted with a growing pause (1 s, doubling up to 30 s; back to
@@ -32,12 +36,17 @@ STABLE_S = 60.0  # a service that ran this long starts its back-off afresh when 
 
 
 class Supervisor:
-    def __init__(self, cfg: Config, config_path: str | None, simulate_rate: float | None):
+    def __init__(self, cfg: Config, config_path: str | None, simulate_rate: float | None,
+                 scale: dict[str, int] | None = None):
         self.cfg = cfg
         self.env = dict(os.environ, PYTHONUNBUFFERED="1")
         if config_path:
             self.env["WATTFLOW_CONFIG"] = os.path.abspath(config_path)
-        self.names = ["broker", "storage", "power", "plotter", "ingest"]
+        scale = {**cfg.runtime["scale"], **(scale or {})}
+        # instances: "storage", "storage-2", ...; the broker is one
+        self.names = ["broker"] + [name if i == 1 else f"{name}-{i}"
+                                   for name in ("storage", "power", "plotter", "ingest")
+                                   for i in range(1, scale.get(name, 1) + 1)]
         if simulate_rate is not None:
             self.names.append("simulate")
         self.simulate_rate = simulate_rate
@@ -51,7 +60,7 @@ class Supervisor:
         self.failed: str | None = None
 
     def command(self, name: str) -> list[str]:
-        cmd = [sys.executable, "-m", "services", name]
+        cmd = [sys.executable, "-m", "services", service_of(name)]
         if name == "simulate":
             cmd += ["--rate", str(self.simulate_rate)]
         return cmd
@@ -137,7 +146,7 @@ class Supervisor:
         log.info("stopping: meters, ingest, then storage/power/plotter, broker last")
         worst = 0
         for wave in STOP_WAVES:
-            procs = [(n, self.procs[n]) for n in wave if n in self.procs]
+            procs = [(n, p) for n, p in self.procs.items() if service_of(n) in wave]
             for _, proc in procs:
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGTERM)
@@ -152,3 +161,9 @@ class Supervisor:
                     worst = 1
         log.info("all stopped")
         return worst
+
+
+def service_of(instance: str) -> str:
+    """``storage-2`` -> ``storage``."""
+    name, _, number = instance.rpartition("-")
+    return name if number.isdigit() and name else instance

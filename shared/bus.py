@@ -62,9 +62,10 @@ class Publisher:
         self.seq[topic] += 1
         return seq
 
-    def send_seq(self, topic: bytes, seq: int, data: Any, block: bool = False) -> bool:
+    def send_seq(self, topic: bytes, seq: int, data: Any, block: bool = False,
+                 src: str | None = None) -> bool:
         """Send a batch under a given sequence number (first time or again); False if full."""
-        body = messages.encode(self.src, seq, time.time(), data)
+        body = messages.encode(src or self.src, seq, time.time(), data)
         try:
             self.sock.send_multipart([topic, body], flags=0 if block else zmq.DONTWAIT)
         except zmq.Again:
@@ -86,9 +87,10 @@ class Pusher:
         self.sock.setsockopt(zmq.LINGER, LINGER_MS)
         self.sock.connect(endpoint)
 
-    def send_seq(self, topic: bytes, seq: int, data: Any) -> bool:
-        """Send a batch under its number (first time or again); False if the queue is full."""
-        body = messages.encode(self.src, seq, time.time(), data)
+    def send_seq(self, topic: bytes, seq: int, data: Any, src: str | None = None) -> bool:
+        """Send a batch under its number (first time or again) in stream ``src`` (default:
+        this sender's own); False if the queue is full."""
+        body = messages.encode(src or self.src, seq, time.time(), data)
         try:
             self.sock.send_multipart([topic, body], flags=zmq.DONTWAIT)
         except zmq.Again:

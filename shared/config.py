@@ -53,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
         "stop_timeout_s": 10.0,
         "journal_dir": "data/journal",
         "journal_fsync": False,
+        "reuse_port": True,
         "unjournaled_kb": 512,
         "unjournaled_kb_per_connection": 64,
     },
@@ -72,7 +73,8 @@ DEFAULTS: dict[str, Any] = {
     },
     "power": {"max_time_diff": 0.5},
     "plotter": {"dir": "plots", "window_s": 300, "interval_s": 1.0, "max_points": 3000},
-    "runtime": {"run_dir": "/tmp/wattflow", "log_level": "INFO", "stats_interval_s": 1.0},
+    "runtime": {"run_dir": "/tmp/wattflow", "log_level": "INFO", "stats_interval_s": 1.0,
+                "scale": {"ingest": 1, "storage": 1, "power": 1, "plotter": 1}},
 }
 
 
@@ -369,15 +371,19 @@ def _check_sections(raw: dict[str, Any]) -> None:
             raise ConfigError(f"storage.{key}: expected a number of at least "
                               f"{1 if key == 'wal_max_mb' else 0}, got {value!r}")
         raw["storage"][key] = value
+    for key, value in raw["runtime"]["scale"].items():
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+            raise ConfigError(f"runtime.scale.{key}: expected an integer 1..64, got {value!r}")
     for key, value in raw["storage"]["retention"].items():
         days = _number(value, f"storage.retention.{key}")
         if days < 0:
             raise ConfigError(f"storage.retention.{key}: expected days >= 0 (0: keep forever), "
                               f"got {value!r}")
         raw["storage"]["retention"][key] = days
-    if not isinstance(raw["ingest"]["journal_fsync"], bool):
-        value = raw["ingest"]["journal_fsync"]
-        raise ConfigError(f"ingest.journal_fsync: expected true or false, got {value!r}")
+    for key in ("journal_fsync", "reuse_port"):
+        if not isinstance(raw["ingest"][key], bool):
+            value = raw["ingest"][key]
+            raise ConfigError(f"ingest.{key}: expected true or false, got {value!r}")
     level = raw["runtime"]["log_level"].upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"runtime.log_level: expected DEBUG, INFO, WARNING or ERROR, got {level}")

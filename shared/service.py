@@ -191,8 +191,8 @@ class Runtime:
         }
 
     def close(self) -> None:
-        if self._stats_pub is not None:
-            self._stats_pub.send(topics.STATS, self.stats(), block=False)
+        if self._stats_pub is not None:  # the last stats: this instance stops in order
+            self._stats_pub.send(topics.STATS, dict(self.stats(), stopped=True), block=False)
         for sock in self._sockets:
             sock.close()
         self.ctx.term()

@@ -1,15 +1,23 @@
 """ingest's journal: every batch is on disk before it is sent, until storage acks it.
 
 So a crash of ingest itself (kill -9, OOM, power cut with ``journal_fsync``) loses nothing it
-accepted: on start it loads what is unacked and sends it again under the same id and sequence
-numbers, and storage, which records each id's last applied number in the same transaction as
-the rows, skips what it already has. One file per batch (``<seq>.batch``: the encoded bus
-body), written beside and renamed, deleted when acked. The directory belongs to one ingest
-instance: replicas need one each.
+journaled: on start it loads what is unacked and sends it again under the same id and sequence
+numbers, and storage, which keeps every batch's key in the same transaction as its rows, skips
+what it already has. One file per batch (``<seq>.batch``: the encoded bus body), written beside
+and renamed, deleted when acked.
+
+Replicas share ``ingest.journal_dir``: each one holds one stream directory in it
+(``<journal_dir>/<stream id>/``), locked (an exclusive ``fcntl`` lock the kernel frees when the
+process dies, kill -9 included) while it runs. A starting replica takes an unlocked stream
+directory if there is one (its id, numbering and unacked batches with it), else makes a new
+one; a running replica also adopts, now and then, unlocked directories that still hold batches
+(a replica scaled away, or killed and not restarted) and sends them until storage has them all,
+so nothing stays stranded.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import socket
@@ -21,24 +29,68 @@ from shared import messages
 
 log = logging.getLogger("ingest.journal")
 SUFFIX = ".batch"
+LOCK = "lock"
 
 
 class Journal:
-    def __init__(self, directory: str, fsync: bool = False):
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+    """One stream directory, held (locked) by this process."""
+
+    def __init__(self, directory: Path, lock_fd, fsync: bool = False):
+        self.dir = directory
+        self.lock_fd = lock_fd
         self.fsync = fsync
         self.id = self._identity()
         self.files: dict[int, Path] = {}
 
+    @classmethod
+    def claim(cls, journal_dir: str, fsync: bool = False) -> Journal:
+        """An unlocked stream directory of ``journal_dir`` (the oldest unacked work first),
+        else a new one."""
+        root = Path(journal_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        _move_old_layout(root)
+        for directory in sorted(_streams(root), key=lambda d: -len(list(d.glob("*" + SUFFIX)))):
+            journal = cls.try_lock(directory, fsync)
+            if journal is not None:
+                return journal
+        directory = root / f"ingest-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        directory.mkdir()
+        journal = cls.try_lock(directory, fsync)
+        assert journal is not None  # a directory nobody else knows yet
+        return journal
+
+    @classmethod
+    def try_lock(cls, directory: Path, fsync: bool = False) -> Journal | None:
+        fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+        return cls(directory, fd, fsync)
+
+    @classmethod
+    def orphans(cls, journal_dir: str, fsync: bool = False) -> list[Journal]:
+        """Unlocked stream directories that still hold batches: locked, for adoption."""
+        found = []
+        for directory in _streams(Path(journal_dir)):
+            if not any(directory.glob("*" + SUFFIX)):
+                continue
+            journal = cls.try_lock(directory, fsync)
+            if journal is not None:
+                found.append(journal)
+        return found
+
+    def release(self) -> None:
+        os.close(self.lock_fd)
+
     def _identity(self) -> str:
-        """This ingest's stable id: the same across restarts while the journal is kept."""
+        """The stream's stable id: its directory's name (written inside too, for people)."""
         path = self.dir / "ingest-id"
         if path.exists():
             return path.read_text().strip()
-        ident = f"ingest-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
-        self._write(path, ident.encode())
-        return ident
+        self._write(path, self.dir.name.encode())
+        return self.dir.name
 
     def load(self) -> tuple[int, list[tuple[int, dict[str, Any]]]]:
         """(next sequence number, unacked batches in order) as the last run left them."""
@@ -82,3 +134,20 @@ class Journal:
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+
+
+def _streams(root: Path) -> list[Path]:
+    return [d for d in root.iterdir() if d.is_dir() and (d / "ingest-id").exists()]
+
+
+def _move_old_layout(root: Path) -> None:
+    """Before replicas, the journal directory was one stream's: move it into a directory of
+    its own (same id, same numbering, same unacked batches)."""
+    old_id = root / "ingest-id"
+    if not old_id.exists():
+        return
+    directory = root / old_id.read_text().strip()
+    directory.mkdir(exist_ok=True)
+    for name in [p for p in root.iterdir() if p.is_file()]:
+        name.rename(directory / name.name)
+    log.info("journal: moved the single-instance journal into %s", directory)

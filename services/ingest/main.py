@@ -34,6 +34,7 @@ log = logging.getLogger("ingest")
 READ_SIZE = 1 << 16
 HOUSEKEEPING_S = 0.005  # acks, resends and gauges this often
 STOP_GRACE_S = 2.0  # on stop: how long open connections may still deliver what they sent
+ADOPT_EVERY_S = 5.0  # look for journals of replicas that are gone this often
 ERROR_LOG_EVERY_S = 10.0  # a failing periodic task is logged at most this often
 
 
@@ -142,14 +143,9 @@ class Ingest:
         self.cfg = rt.cfg.ingest
         self.pub = rt.publisher()
         self.work = rt.pusher()
-        self.outbox = Outbox(self._send, self.cfg["ack_timeout_s"], rt.counters, journal)
-        next_seq, batches = journal.load()
-        self.outbox.next_seq = next_seq
-        self.outbox.restore(batches, _size)
-        if batches:  # what the last run accepted and storage never confirmed
-            log.info("journal: %d unacked batches (%d lines) from the last run, resending",
-                     len(batches), self.outbox.lines)
-            rt.counters["lines_recovered"] += self.outbox.lines
+        self.outbox = self._outbox(journal)  # this replica's own stream
+        self.adopted: dict[str, Outbox] = {}  # streams of replicas gone, until all is acked
+        self.next_adopt = time.monotonic() + ADOPT_EVERY_S
         # pending: chunks (peer, t_recv, block, sender, line numbers) and rejections (line,
         # reason, message, peer, t_recv, sender, number); sender None: a plain connection
         self.chunks: list[tuple] = []
@@ -171,6 +167,40 @@ class Ingest:
         self.errors: dict[str, tuple[int, float]] = {}  # task -> (failures, last logged)
         self.next_sweep = 0.0
         self.unjournaled_peak = 0
+
+    def _outbox(self, journal: Journal) -> Outbox:
+        def send(seq: int, data: dict) -> bool:
+            return self._send(seq, data, journal.id)
+
+        outbox = Outbox(send, self.cfg["ack_timeout_s"], self.rt.counters, journal)
+        next_seq, batches = journal.load()
+        outbox.next_seq = next_seq
+        outbox.restore(batches, _size)
+        if batches:  # accepted by an earlier run and never confirmed by storage
+            log.info("journal %s: %d unacked batches (%d lines), resending", journal.id,
+                     len(batches), outbox.lines)
+            self.rt.counters["lines_recovered"] += outbox.lines
+        return outbox
+
+    def outboxes(self) -> list[Outbox]:
+        return [self.outbox, *self.adopted.values()]
+
+    def adopt_orphans(self) -> None:
+        """Streams of replicas that are gone (their journal unlocked) with batches left: send
+        them from here until storage has them; then let them go."""
+        now = time.monotonic()
+        if now < self.next_adopt:
+            return
+        self.next_adopt = now + ADOPT_EVERY_S
+        for source, outbox in list(self.adopted.items()):
+            if not outbox.entries:
+                log.info("adopted stream %s: all acked, released", source)
+                outbox.journal.release()
+                del self.adopted[source]
+        for journal in Journal.orphans(self.cfg["journal_dir"], self.cfg["journal_fsync"]):
+            log.warning("adopting the journal of stream %s (its replica is gone)", journal.id)
+            self.rt.counters["streams_adopted"] += 1
+            self.adopted[journal.id] = self._outbox(journal)
 
     # ---- connections -----------------------------------------------------------------------
 
@@ -287,24 +317,27 @@ class Ingest:
                 conn.ack()
         self.outbox.pump()
 
-    def _send(self, seq: int, data: dict) -> bool:
+    def _send(self, seq: int, data: dict, src: str) -> bool:
         """Into the work queue (one storage replica takes it); a copy on the bus for whoever
         listens on ``raw`` there (``wattflow tap raw``)."""
-        if not self.work.send_seq(topics.RAW, seq, data):
+        if not self.work.send_seq(topics.RAW, seq, data, src=src):
             return False
         if self.pub.has_subscriber(topics.RAW):
-            self.pub.send_seq(topics.RAW, seq, data)
+            self.pub.send_seq(topics.RAW, seq, data, src=src)
         return True
 
     def buffered(self) -> int:
-        return self.pending_bytes + self.outbox.bytes
+        return self.pending_bytes + sum(o.bytes for o in self.outboxes())
 
     def poll_acks(self) -> None:
-        me = self.pub.src
+        mine = {self.outbox.journal.id: self.outbox, **self.adopted}
         for msg in self.acks.recv_batch(0, 1000):
-            cols = msg.data
-            self.outbox.ack([seq for source, seq in zip(cols["source"], cols["seq"], strict=True)
-                             if source == me])
+            by_source: dict[str, list[int]] = {}
+            for source, seq in zip(msg.data["source"], msg.data["seq"], strict=True):
+                if source in mine:
+                    by_source.setdefault(source, []).append(seq)
+            for source, seqs in by_source.items():
+                mine[source].ack(seqs)
         self.make_room()
 
     # ---- housekeeping ----------------------------------------------------------------------
@@ -320,16 +353,22 @@ class Ingest:
         self._guarded("acks", self.poll_acks)
         self._guarded("flush", self.flush)
         self._guarded("idle", self.sweep_idle)
-        self._guarded("resend", self.outbox.resend_overdue)
+        self._guarded("adopt", self.adopt_orphans)
+        for outbox in self.outboxes():
+            self._guarded("resend", outbox.resend_overdue)
+            self._guarded("send", outbox.pump)
         self._guarded("gauges", self._gauges)
         self._guarded("stats", self.rt.tick)
 
     def _gauges(self) -> None:
         self.rt.gauges.update(
             connections=len(self.open), pending_lines=self.pending_lines,
-            reading_paused=not self.room.is_set(), unacked_batches=len(self.outbox.entries),
-            unacked_lines=self.outbox.lines, buffered_bytes=self.buffered(),
-            oldest_unacked_age_s=round(self.outbox.oldest_age(time.time()), 3),
+            reading_paused=not self.room.is_set(),
+            unacked_batches=sum(len(o.entries) for o in self.outboxes()),
+            unacked_lines=sum(o.lines for o in self.outboxes()), buffered_bytes=self.buffered(),
+            oldest_unacked_age_s=round(max(o.oldest_age(time.time())
+                                           for o in self.outboxes()), 3),
+            adopted_streams=len(self.adopted),
             unjournaled_peak_bytes=self.unjournaled_peak)
 
     def _guarded(self, name: str, task) -> None:
@@ -348,11 +387,14 @@ class Ingest:
     async def drain(self, deadline_s: float) -> None:
         """On stop: publish what waits and wait (a while) until storage has acked it all."""
         end = time.monotonic() + deadline_s
-        while (self.chunks or self.rejects or self.outbox.entries) and time.monotonic() < end:
+        def waiting() -> bool:
+            return bool(self.chunks or self.rejects or any(o.entries for o in self.outboxes()))
+
+        while waiting() and time.monotonic() < end:
             self.housekeeping()
             await asyncio.sleep(0.005)
-        if self.outbox.entries or self.chunks:
-            lines = self.outbox.lines + self.pending_lines
+        if waiting():
+            lines = sum(o.lines for o in self.outboxes()) + self.pending_lines
             log.error("stopping with %d lines not confirmed by storage (is it running?); they "
                       "stay in the journal and go out at the next start", lines)
             self.rt.counters["lines_unconfirmed_at_stop"] += lines
@@ -370,8 +412,10 @@ async def serve(rt: Runtime, journal: Journal) -> None:
     cfg = rt.cfg.ingest
     loop = asyncio.get_running_loop()
     try:
+        # SO_REUSEPORT: replicas on one host share the port; the kernel spreads connections
         server = await loop.create_server(lambda: Connection(ingest), cfg["host"], cfg["port"],
-                                          reuse_address=True, backlog=1024)
+                                          reuse_address=True, reuse_port=cfg["reuse_port"],
+                                          backlog=1024)
     except OSError as exc:
         port = Port("ingest (the meters' TCP port)", cfg["host"], cfg["port"], "ingest.port")
         raise CannotStart(port.explain(os.strerror(exc.errno) if exc.errno else str(exc))) from exc
@@ -399,7 +443,7 @@ async def serve(rt: Runtime, journal: Journal) -> None:
 
 
 def run(cfg: Config) -> int:
-    journal = Journal(cfg.ingest["journal_dir"], cfg.ingest["journal_fsync"])
+    journal = Journal.claim(cfg.ingest["journal_dir"], cfg.ingest["journal_fsync"])
     rt = Runtime("ingest", cfg, instance=journal.id)
     rt.install_signals()
     try:

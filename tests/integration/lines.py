@@ -56,6 +56,10 @@ class Feeder:
         self.pause_s = pause_s
         self.error: BaseException | None = None
         self.concurrent = concurrent
+        self.go = threading.Event()  # cleared: hold before the next connection
+        self.go.set()
+        self.between = threading.Event()  # set while no connection is being sent
+        self.between.set()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def start(self) -> Feeder:
@@ -83,6 +87,8 @@ class Feeder:
             return
         try:
             for payload in self.payloads:
+                self.go.wait()
+                self.between.clear()
                 deadline = time.monotonic() + 60
                 while True:
                     try:
@@ -94,9 +100,18 @@ class Feeder:
                             raise
                         time.sleep(0.05)
                 self.sent_conns += 1
+                self.between.set()
                 time.sleep(self.pause_s)
         except BaseException as exc:  # reported by done()
             self.error = exc
+
+    def pause(self) -> None:
+        """Hold before the next connection; returns once none is being sent."""
+        self.go.clear()
+        self.between.wait(60)
+
+    def resume(self) -> None:
+        self.go.set()
 
     def progress(self) -> float:
         return self.sent_conns / len(self.payloads)

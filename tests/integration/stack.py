@@ -80,11 +80,11 @@ class Stack:
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
         self.stats_sub = self.subscribe(topics.STATS)
         self.last_stats: dict[str, dict] = {}  # service -> its latest stats message
+        self.by_instance: dict[str, dict] = {}  # instance id -> its latest stats message
 
     def stats(self) -> dict[str, dict]:
         """The latest stats of each service (reads what arrived since the last call)."""
-        for msg in drain(self.stats_sub, 20):
-            self.last_stats[msg.data["service"]] = msg.data
+        self.instances()
         return self.last_stats
 
     def counters(self, service: str) -> dict[str, int]:
@@ -120,11 +120,24 @@ class Stack:
         return [sys.executable, "-m", "services", *args, "--config", str(self.config_path)]
 
     def start(self, *names: str) -> None:
+        """Start services by instance name: ``storage``, or ``storage-2`` for a replica."""
         for name in names or SERVICES:
+            service = name.rsplit("-", 1)[0] if name[-1].isdigit() else name
             with open(self.tmp / f"{name}.log", "ab") as log:
-                self.procs[name] = subprocess.Popen(self.wattflow(name), env=self.env,
+                self.procs[name] = subprocess.Popen(self.wattflow(service), env=self.env,
                                                     stdout=log, stderr=subprocess.STDOUT,
                                                     cwd=self.tmp)
+
+    def instances(self) -> dict[str, dict]:
+        """The latest stats of every instance heard (replicas apart), by instance id; one that
+        stopped in order is dropped."""
+        for msg in drain(self.stats_sub, 20):
+            self.last_stats[msg.data["service"]] = msg.data
+            if msg.data.get("stopped"):
+                self.by_instance.pop(msg.src, None)
+            else:
+                self.by_instance[msg.src] = msg.data
+        return self.by_instance
 
     def subscribe(self, *wanted: bytes) -> Subscriber:
         sub = Subscriber(self.ctx, self.config["bus"]["subscribe"], list(wanted))
@@ -200,9 +213,11 @@ class Stack:
     def close(self) -> None:
         for sub in self.subs:
             sub.close()
-        for name in ("ingest", "storage", "power", "plotter", "broker"):
-            if name in self.procs:
-                self.stop(name)
+        order = ("simulate", "ingest", "storage", "power", "plotter", "broker")
+        for kind in order:
+            names = [n for n in self.procs if n.split("-")[0] == kind]
+            if names:
+                self.stop(*names)
         self.ctx.term()
 
 

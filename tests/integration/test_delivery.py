@@ -113,10 +113,10 @@ def test_kill_9_of_ingest_loses_nothing_it_accepted(stack):
         stack.kill("ingest")
     finally:
         storage.send_signal(signal.SIGCONT)
-    assert list((stack.tmp / "data" / "journal").glob("*.batch"))
+    assert list((stack.tmp / "data" / "journal").glob("*/*.batch"))
     stack.restart("ingest")
     assert_exactly_once(stack, feeder)
-    assert not list((stack.tmp / "data" / "journal").glob("*.batch"))  # acked, so deleted
+    assert not list((stack.tmp / "data" / "journal").glob("*/*.batch"))  # acked, so deleted
 
 
 def test_sigterm_of_every_service_mid_stream_loses_nothing(stack):

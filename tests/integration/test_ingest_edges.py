@@ -100,7 +100,7 @@ def journal_lines(stack) -> Counter:
     """The readings in ingest's journal now (batches not yet acked)."""
     table = MeterTable([Meter(m, "V" if m == V_METER else "A", *RANGES[m]) for m in RANGES])
     found: Counter = Counter()
-    for path in (stack.tmp / "data" / "journal").glob("*.batch"):
+    for path in (stack.tmp / "data" / "journal").glob("*/*.batch"):
         block = b"".join(decode(b"raw", path.read_bytes()).data["data"])
         p = parse_block(block, table)
         found.update(zip([table.meters[i].ip for i in p.meter.tolist()], p.ts_us.tolist(),

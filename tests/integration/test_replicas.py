@@ -1,0 +1,95 @@
+"""Replicas that share the work exactly once: 2 ingest replicas on one port (SO_REUSEPORT) and
+3 storage replicas on the work queue, under load, with a storage replica killed, one added,
+and an ingest replica stopped with unacked batches. On SQLite one storage replica writes and
+the others stand by (and take over); every valid line ends up stored once, every invalid one
+rejected once."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from collections import Counter
+
+from tests.integration.lines import Feeder
+from tests.integration.stack import wait_for
+
+
+def stored(stack) -> Counter:
+    return Counter(stack.query("SELECT meter, ts_us, value FROM readings_view"))
+
+
+def ingests(stack) -> dict[str, dict]:
+    return {src: s for src, s in stack.instances().items() if s["service"] == "ingest"}
+
+
+def writers(stack) -> dict[str, dict]:
+    return {src: s for src, s in stack.instances().items()
+            if s["service"] == "storage" and s["gauges"].get("role") == "writer"}
+
+
+def test_two_ingest_three_storage_replicas_exactly_once(make_stack):
+    stack = make_stack()
+    stack.start("broker", "power", "plotter", "storage", "storage-2", "storage-3", "ingest",
+                "ingest-2")
+    stack.wait_ready()
+    wait_for(lambda: sum(s["service"] == "storage" for s in stack.instances().values()) == 3
+             and sum(s["service"] == "ingest" for s in stack.instances().values()) == 2, 90,
+             lambda: f"every replica reporting: {sorted(stack.instances())}")
+    assert len(writers(stack)) == 1  # SQLite: one writes, two stand by
+    feeder = Feeder(stack.port, connections=120, ticks_per_conn=500, invalid_every=10,
+                    pause_s=0.01, concurrent=False)  # 300,000 lines, a tenth invalid
+    feeder.start()
+    wait_for(lambda: feeder.progress() > 0.25, 120, "lines flowing")
+
+    # kill -9 the storage replica that writes: a standby takes over
+    victim_src = next(iter(writers(stack)))
+    victim = next(n for n in ("storage", "storage-2", "storage-3")
+                  if stack.procs[n].pid == writers(stack)[victim_src]["pid"])
+    stack.kill(victim)
+    wait_for(lambda: writers(stack) and victim_src not in writers(stack), 30,
+             "a standby to take over")
+    stack.start("storage-4")  # a replica added mid-stream
+
+    # an ingest replica stopped (kill -9) with unacked batches: storage held, lines sent to
+    # both replicas, the feeder paused so nothing is on its way, then the kill; the other
+    # replica adopts the journal and sends its batches
+    wait_for(lambda: feeder.progress() > 0.5, 120, "more lines flowing")
+    feeder.pause()
+    storages = [n for n in stack.procs if n.startswith("storage")
+                and stack.procs[n].poll() is None]
+    for n in storages:
+        stack.procs[n].send_signal(signal.SIGSTOP)
+    try:
+        feeder.resume()
+        wait_for(lambda: len([s for s in ingests(stack).values()
+                              if s["gauges"].get("unacked_lines", 0) > 0]) == 2, 60,
+                 "both ingest replicas holding unacked lines")
+        feeder.pause()
+        wait_for(lambda: all(s["gauges"].get("connections") == 0
+                             and s["gauges"].get("pending_lines") == 0
+                             for s in ingests(stack).values()), 30, "nothing in flight")
+        stack.kill("ingest-2")
+    finally:
+        for n in storages:
+            stack.procs[n].send_signal(signal.SIGCONT)
+    feeder.resume()
+
+    wait_for(feeder.done, 180, "the feeder to send everything")
+    wait_for(lambda: stack.count("readings") + stack.count("rejected") >= feeder.lines, 180,
+             lambda: f"{feeder.lines} lines in: {stack.describe()}")
+    wait_for(lambda: not list((stack.tmp / "data" / "journal").glob("*/*.batch")), 60,
+             "every journal emptied (adopted batches acked)")
+    assert stored(stack) == Counter(feeder.expected)
+    assert stack.count("rejected") == feeder.invalid
+    assert stack.counters("ingest").get("streams_adopted", 0) >= 1
+
+    status = subprocess.run(stack.wattflow("status", "--json"), env=stack.env, timeout=30,
+                            capture_output=True, text=True)
+    report = json.loads(status.stdout)
+    roles = sorted(s["gauges"].get("role") for s in report["services"].values()
+                   if s["service"] == "storage")
+    assert roles == ["standby", "standby", "writer"]
+    assert report["silent_instances"]  # the killed ones are named
+    assert {m["service"] for m in report["silent_instances"].values()} == {"storage", "ingest"}
