@@ -128,16 +128,17 @@ class Stack:
                                                     stdout=log, stderr=subprocess.STDOUT,
                                                     cwd=self.tmp)
 
-    def instances(self) -> dict[str, dict]:
-        """The latest stats of every instance heard (replicas apart), by instance id; one that
-        stopped in order is dropped."""
+    def instances(self, fresh_s: float = 3.0) -> dict[str, dict]:
+        """The latest stats of every instance heard in the last ``fresh_s`` seconds (replicas
+        apart), by instance id; one that stopped in order is dropped."""
+        now = time.monotonic()
         for msg in drain(self.stats_sub, 20):
             self.last_stats[msg.data["service"]] = msg.data
             if msg.data.get("stopped"):
                 self.by_instance.pop(msg.src, None)
             else:
-                self.by_instance[msg.src] = msg.data
-        return self.by_instance
+                self.by_instance[msg.src] = dict(msg.data, heard=now)
+        return {k: v for k, v in self.by_instance.items() if now - v["heard"] <= fresh_s}
 
     def subscribe(self, *wanted: bytes) -> Subscriber:
         sub = Subscriber(self.ctx, self.config["bus"]["subscribe"], list(wanted))
