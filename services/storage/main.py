@@ -206,7 +206,7 @@ class Storage:
         if isinstance(b, PowerBatch):
             n = len(b.points["ts_us"])
             c["power_stored"] += n
-            t["power"] += n
+            t["power_writes"] = t.get("power_writes", 0) + n
             return
         c["resent_lines_skipped"] += b.resent
         c["readings_stored"] += len(b.meter)

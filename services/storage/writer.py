@@ -115,6 +115,11 @@ class Writer:
             return applied
 
     def _retention(self) -> None:
+        """Upkeep between jobs: power rollups of settled minutes, then retention steps."""
+        try:
+            self.db.rollup_step(time.time())
+        except DiskFull:
+            pass
         now = time.monotonic()
         if not self.retention or now < self.next_retention:
             return

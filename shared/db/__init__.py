@@ -108,6 +108,12 @@ class PowerBatch:
     source: str | None = None
     seq: int = 0
     base: int = 0
+    # circuit -> a time up to which its stored points are final (power's checkpoint: where a
+    # restarted or new power replica recomputes from); only ever raised
+    progress: dict[str, int] = field(default_factory=dict)
+
+
+ENERGY_GAP_US = 5_000_000  # power points further apart than this: a gap, no energy across it
 
 
 @dataclass
@@ -138,6 +144,10 @@ class Database(Protocol):
     def readings(self, meters: list[str], t0_us: int, t1_us: int) -> dict[str, np.ndarray]: ...
     def power(self, circuits: list[str], t0_us: int, t1_us: int) -> dict[str, np.ndarray]: ...
     def upkeep_state(self) -> dict[str, Any]: ...
+    def rollup_step(self, now_s: float) -> int: ...
+    def progress(self) -> dict[str, int]: ...
+    def replace_power(self, circuit: Circuit, t0_us: int, t1_us: int,
+                      points: dict[str, np.ndarray]) -> None: ...
     def close(self) -> None: ...
 
 

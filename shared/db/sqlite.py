@@ -26,6 +26,7 @@ import numpy as np
 
 from shared.config import Circuit, Meter
 from shared.db import (
+    ENERGY_GAP_US,
     HOUR_US,
     MINUTE_US,
     DiskFull,
@@ -98,8 +99,8 @@ CREATE TABLE IF NOT EXISTS sender_lines (  -- the acknowledged mode: line number
     PRIMARY KEY (sender, lo)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS totals (     -- row counts kept with every write (count(*) is slow)
-    name TEXT PRIMARY KEY,              -- readings, rejected, rejected.<reason>, power
-    n    INTEGER NOT NULL               -- (power: points written; a recomputed point again)
+    name TEXT PRIMARY KEY,              -- readings, rejected, rejected.<reason>, power_writes
+    n    INTEGER NOT NULL               -- (power_writes: points written; a recomputed one again)
 );
 CREATE TABLE IF NOT EXISTS readings_1m (  -- per meter and minute (t: its start, µs)
     meter_id INTEGER NOT NULL, t INTEGER NOT NULL,
@@ -123,6 +124,15 @@ CREATE TABLE IF NOT EXISTS power_1h (
     wh REAL NOT NULL,
     PRIMARY KEY (circuit_id, t)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS power_dirty (  -- minutes of power written since their rollup
+    circuit_id INTEGER NOT NULL, t INTEGER NOT NULL,
+    touched REAL NOT NULL,              -- when last written (Unix seconds)
+    PRIMARY KEY (circuit_id, t)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS power_progress (  -- power's checkpoint per circuit
+    circuit_id INTEGER PRIMARY KEY,
+    final_through INTEGER NOT NULL      -- stored points up to this time are final
+);
 CREATE VIEW IF NOT EXISTS readings_view AS
     SELECT m.ip AS meter, m.unit AS unit, r.ts_us AS ts_us,
            strftime('%Y-%m-%d %H:%M:%f', r.ts_us / 1e6, 'unixepoch') AS time, r.value AS value
@@ -210,7 +220,7 @@ class SqliteDatabase:
             if old or version == 0:
                 c.execute("DELETE FROM totals")
                 c.execute("INSERT INTO totals SELECT 'readings', count(*) FROM readings")
-                c.execute("INSERT INTO totals SELECT 'power', count(*) FROM power")
+                c.execute("INSERT INTO totals SELECT 'power_writes', count(*) FROM power")
                 c.execute("INSERT INTO totals SELECT 'rejected', count(*) FROM rejected")
                 c.execute("INSERT INTO totals SELECT 'rejected.' || reason, count(*)"
                           " FROM rejected GROUP BY reason")
@@ -257,6 +267,7 @@ class SqliteDatabase:
                 for b, ok in zip(batches, fresh, strict=True):
                     if ok and isinstance(b, PowerBatch):
                         self._write_power(b.points)
+                        self._write_progress(b.progress)
         except sqlite3.OperationalError as exc:
             if _is_full(exc):
                 raise DiskFull(str(exc)) from exc
@@ -333,9 +344,33 @@ class SqliteDatabase:
         if not len(cols["ts_us"]):
             return
         names = ("circuit_id", "ts_us", "watts", "volts", "amps")
-        values = (self._circuit_ids(cols), *(cols[k] for k in names[1:]))
+        ids = self._circuit_ids(cols)
+        values = (ids, *(cols[k] for k in names[1:]))
         self._insert("power", names, values, upsert=("circuit_id", "ts_us"))
-        self._add_total("power", len(cols["ts_us"]))
+        self._add_total("power_writes", len(cols["ts_us"]))
+        # the minutes touched (and the one before: its last point's energy reaches into them)
+        ts = np.asarray(cols["ts_us"], np.int64)
+        minute = ts - ts % MINUTE_US
+        keys = set(zip(ids, minute.tolist(), strict=True))
+        keys |= {(c, t - MINUTE_US) for c, t in keys}
+        now = time.time()
+        self.conn.executemany("INSERT INTO power_dirty (circuit_id, t, touched) VALUES (?, ?, ?)"
+                              " ON CONFLICT DO UPDATE SET touched = excluded.touched",
+                              [(c, t, now) for c, t in sorted(keys)])
+
+    def _write_progress(self, progress: dict[str, int]) -> None:
+        for name, through in progress.items():
+            cid = self._circuit_id_by_name(name)
+            if cid is None:
+                continue
+            self.conn.execute("INSERT INTO power_progress (circuit_id, final_through)"
+                              " VALUES (?, ?) ON CONFLICT DO UPDATE SET final_through ="
+                              " max(final_through, excluded.final_through)", (cid, int(through)))
+
+    def _circuit_id_by_name(self, name: str) -> int | None:
+        row = self.conn.execute("SELECT id FROM circuits WHERE name = ? ORDER BY id DESC",
+                                (name,)).fetchone()
+        return row[0] if row else None
 
     def _add_total(self, name: str, n: int) -> None:
         self.conn.execute("INSERT INTO totals (name, n) VALUES (?, ?)"
@@ -485,6 +520,62 @@ class SqliteDatabase:
             raise
         self.conn.execute("COMMIT")
 
+    def rollup_step(self, now_s: float, settle_s: float = 10.0, most: int = 50) -> int:
+        """Per-minute and per-hour power rollups (n, sum, min, max of watts; energy in Wh:
+        each point's watts held until the next point, unless that is more than ENERGY_GAP_US
+        away) for minutes written to and then left alone for ``settle_s``, recomputed from
+        the stored points (so late or corrected points count). Returns minutes done."""
+        dirty = self.conn.execute("SELECT circuit_id, t FROM power_dirty WHERE touched < ?"
+                                  " ORDER BY t LIMIT ?", (now_s - settle_s, most)).fetchall()
+        for cid, t in dirty:
+            with self._transaction():
+                self._rollup_minute(cid, t)
+                hour = t - t % HOUR_US
+                self.conn.execute(
+                    "INSERT OR REPLACE INTO power_1h (circuit_id, t, n, sum, min, max, wh)"
+                    " SELECT circuit_id, ?, sum(n), sum(sum), min(min), max(max), sum(wh)"
+                    " FROM power_1m WHERE circuit_id = ? AND t >= ? AND t < ?"
+                    " GROUP BY circuit_id", (hour, cid, hour, hour + HOUR_US))
+                self.conn.execute("DELETE FROM power_dirty WHERE circuit_id = ? AND t = ?"
+                                  " AND touched < ?", (cid, t, now_s - settle_s))
+        return len(dirty)
+
+    def _rollup_minute(self, cid: int, t: int) -> None:
+        row = self.conn.execute(
+            "SELECT count(*), sum(watts), min(watts), max(watts),"
+            " sum(CASE WHEN nxt - ts_us <= ? THEN watts * (nxt - ts_us) ELSE 0 END) / 3.6e9"
+            " FROM (SELECT ts_us, watts, LEAD(ts_us) OVER (ORDER BY ts_us) AS nxt FROM power"
+            "       WHERE circuit_id = ? AND ts_us >= ? AND ts_us < ?) WHERE ts_us < ?",
+            (ENERGY_GAP_US, cid, t, t + MINUTE_US + ENERGY_GAP_US, t + MINUTE_US)).fetchone()
+        if row[0]:
+            self.conn.execute("INSERT OR REPLACE INTO power_1m (circuit_id, t, n, sum, min,"
+                              " max, wh) VALUES (?, ?, ?, ?, ?, ?, ?)", (cid, t, *row))
+        else:
+            self.conn.execute("DELETE FROM power_1m WHERE circuit_id = ? AND t = ?", (cid, t))
+
+    def progress(self) -> dict[str, int]:
+        """Each circuit's checkpoint: stored points up to this time are final."""
+        return dict(self._reader().execute(
+            "SELECT c.name, max(p.final_through) FROM power_progress p"
+            " JOIN circuits c ON c.id = p.circuit_id GROUP BY c.name"))
+
+    def replace_power(self, circuit: Circuit, t0_us: int, t1_us: int,
+                      points: dict[str, np.ndarray]) -> None:
+        """The power of ``circuit`` in [t0, t1] becomes exactly ``points`` (a recompute after
+        a change of circuits or of max_time_diff: stale points go)."""
+        with self._transaction():
+            cid = self._circuit_ids({"circuit": [circuit.name], "v_meter": [circuit.voltage],
+                                     "a_meter": [circuit.current]})[0]
+            self.conn.execute(  # the minutes that had points: their rollups change too
+                "INSERT INTO power_dirty (circuit_id, t, touched) SELECT DISTINCT circuit_id,"
+                " ts_us - ts_us % ?, ? FROM power WHERE circuit_id = ? AND ts_us BETWEEN ? AND ?"
+                " ON CONFLICT DO UPDATE SET touched = excluded.touched",
+                (MINUTE_US, time.time(), cid, t0_us, t1_us))
+            gone = self.conn.execute("DELETE FROM power WHERE circuit_id = ? AND ts_us"
+                                     " BETWEEN ? AND ?", (cid, t0_us, t1_us)).rowcount
+            self.state["power_replaced"] = self.state.get("power_replaced", 0) + gone
+            self._write_power(points)
+
     def free_bytes(self) -> int:
         st = os.statvfs(self.dir)
         return st.f_bavail * st.f_frsize
@@ -517,7 +608,7 @@ class SqliteDatabase:
         return dict(self._reader().execute("SELECT source, low FROM sources"))
 
     def totals(self) -> dict[str, int]:
-        totals = {"readings": 0, "power": 0, "rejected": 0}
+        totals = {"readings": 0, "power_writes": 0, "rejected": 0}
         totals.update(self._reader().execute("SELECT name, n FROM totals"))
         return totals
 

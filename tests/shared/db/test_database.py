@@ -163,3 +163,42 @@ def test_retention_removes_old_rows_in_steps_and_keeps_the_rest(db_url):
     assert db.rollup("readings", "1m", IPS, 0, now - 2 * day).get("t").size == 0
     assert db.rollup("readings", "1h", IPS, 0, 2**62)["n"].sum() == 1010  # kept forever
     db.close()
+
+
+def test_power_rollups_hold_energy_and_follow_corrections(db_url):
+    db = open_database(db_url, METERS)
+    t0 = T0 - T0 % MINUTE_US + 50 * 1_000_000  # 50 s into a minute: the run spans two
+    ts = [t0 + k * 100_000 for k in range(361)]  # 1 kW for 36 s, a point every 0.1 s
+    db.write([PowerBatch(power_cols(b"main", ts, [1000.0] * 361))])
+    far_later = 2e9
+    assert db.rollup_step(far_later) >= 2
+    got = db.rollup("power", "1m", ["main"], 0, 2**62)
+    assert got["n"].sum() == 361
+    assert got["wh"].sum() == pytest.approx(10.0)  # 1 kW x 36 s = 0.01 kWh
+    assert db.rollup("power", "1h", ["main"], 0, 2**62)["wh"].sum() == pytest.approx(10.0)
+    # a correction: the second half at 2 kW; a gap (no points for 10 s) adds no energy
+    late = [t + 60_000_000 for t in range(t0, t0 + 1, 1)]
+    db.write([PowerBatch(power_cols(b"main", ts[180:], [2000.0] * 181)),
+              PowerBatch(power_cols(b"main", late, [5000.0]))])
+    db.rollup_step(far_later)
+    got = db.rollup("power", "1m", ["main"], 0, 2**62)
+    assert got["wh"].sum() == pytest.approx(18 * 1000 / 3600 + 18 * 2000 / 3600)
+    assert got["max"].max() == 5000.0
+    db.close()
+
+
+def test_progress_only_rises_and_replace_power_drops_stale_points(db_url):
+    from shared.config import Circuit
+
+    db = open_database(db_url, METERS)
+    db.write([PowerBatch(power_cols(b"main", [1, 2, 3], [1.0, 2.0, 3.0]),
+                         progress={"main": 2})])
+    db.write([PowerBatch(power_cols(b"main", [4], [4.0]), progress={"main": 1})])
+    assert db.progress() == {"main": 2}
+    db.replace_power(Circuit("main", "10.0.0.1", "10.0.0.2"), 2, 4,
+                     power_cols(b"main", [3], [30.0]))
+    got = db.power(["main"], 0, 10)
+    assert list(zip(got["ts_us"].tolist(), got["watts"].tolist(), strict=True)) == \
+        [(1, 1.0), (3, 30.0)]
+    assert db.totals()["power_writes"] == 4 + 1  # points written (a rewrite counts again)
+    db.close()

@@ -162,7 +162,8 @@ def test_schema_1_is_migrated_keeping_the_data(tmp_path):
     conn.executescript(SCHEMA_1)
     conn.close()
     db = SqliteDatabase(str(path), METERS)
-    assert db.totals() == {"readings": 3, "power": 2, "rejected": 1, "rejected.malformed": 1}
+    assert db.totals() == {"readings": 3, "power_writes": 2, "rejected": 1,
+                           "rejected.malformed": 1}
     assert db.power(["c"], 0, 10**9)["ts_us"].tolist() == [1000, 2000]  # the twin is one now
     assert db.low_marks() == {"ingest-old": 41}
     assert db.write([RawBatch("ingest-old", 41, 0, np.zeros(1, np.int64), np.ones(1, np.int64),
