@@ -51,11 +51,12 @@ as-of partner of t <= t1.
 long), so it knows V(t) or A(t) exactly for t >= coverage_start. A new reading r of m at s
 changes only the points at t in [s, next(s)) where next(s) is m's next reading after s (there
 V(t) or A(t) becomes r); and since r is V(t)/A(t) only for t - s <= D, the affected range is
-[s, min(next(s), s + D + 1)), which is also the whole range when next(s) is unknown. A point
-at t in that range is computed from memory when s >= coverage_start(m) and
-s - D >= coverage_start(partner): then every reading of either meter that can decide a point at
-t >= s is held (a partner reading older than its coverage is more than D before t). Otherwise
-the stream returns the range as ``Late`` work for the service to answer from storage.
+[s, min(next(s), s + D + 1)), which is also the whole range when next(s) is unknown. The
+points in that range are computed from memory when s >= coverage_start(m) and the partner p's
+as-of is known for every t >= s: memory holds a reading of p at or before s, or
+s - D >= coverage_start(p) (then a reading of p older than its coverage is more than D before
+t and makes no point). Otherwise the stream returns the range as ``Late`` work for the service
+to answer from storage.
 """
 
 from __future__ import annotations
@@ -102,21 +103,30 @@ def points_in_range(v_ts, v_val, a_ts, a_val, t0: int, t1: int,
     """The points of one circuit at every t in T with t0 <= t <= t1, as columns ``ts_us``,
     ``watts``, ``volts``, ``amps`` (sorted by ts_us). Give at least all readings of v (v_ts,
     v_val) and of a (a_ts, a_val) with ts in [t0 - D, t1], in any order, duplicates allowed."""
+    return _points_in_ranges(v_ts, v_val, a_ts, a_val, np.array([t0], np.int64),
+                             np.array([t1], np.int64), max_time_diff_us)
+
+
+def _points_in_ranges(v_ts, v_val, a_ts, a_val, starts: np.ndarray, ends: np.ndarray,
+                      max_time_diff_us: int) -> dict[str, np.ndarray]:
+    """points_in_range for the t in any of the ranges [starts, ends] (inclusive)."""
     vt, vv = _dedupe(*_columns(v_ts, v_val, "v"))
     at, av = _dedupe(*_columns(a_ts, a_val, "a"))
-    t = np.union1d(vt[(vt >= t0) & (vt <= t1)], at[(at >= t0) & (at <= t1)])
+    t = np.union1d(_within(vt, starts, ends + 1), _within(at, starts, ends + 1))
     t, volts, amps = _asof(vt, vv, at, av, t, max_time_diff_us)
     return {"ts_us": t, "watts": volts * amps, "volts": volts, "amps": amps}
 
 
 @dataclass(frozen=True, eq=False)
 class Late:
-    """Points the stream cannot compute from memory: those of ``circuit`` at t0 <= t <= t1.
+    """Points the stream cannot compute from memory: those of ``circuit`` at t in the ranges
+    [starts[i], ends[i]] (inclusive, sorted, disjoint), which lie within [t0, t1].
 
-    Answer it by fetching both meters' stored readings with ``since <= ts <= t1`` and calling
-    ``answer``; it merges them with the readings in hand (the stream's memory and the batch,
-    which may not be stored yet). Answer a batch's Late work before feeding the next batch, so
-    that an answer never overwrites a newer point."""
+    Answer it by fetching both meters' stored readings with ``since <= ts <= t1`` (one query
+    per meter) and calling ``answer``; it merges them with the readings in hand (the stream's
+    memory and the batch, which may not be stored yet) and computes the points in the ranges.
+    Answer a batch's Late work before feeding the next batch, so that an answer never
+    overwrites a newer point."""
 
     circuit: str
     v_meter: str
@@ -124,6 +134,8 @@ class Late:
     t0: int
     t1: int
     max_time_diff_us: int
+    starts: np.ndarray
+    ends: np.ndarray
     v_ts: np.ndarray  # readings in hand of v within [since, t1]
     v_val: np.ndarray
     a_ts: np.ndarray
@@ -135,11 +147,11 @@ class Late:
 
     def answer(self, v_ts, v_val, a_ts, a_val) -> dict[str, np.ndarray]:
         """Stored readings of v and a (at least those in [since, t1]) -> power columns."""
-        p = points_in_range(np.concatenate((self.v_ts, np.asarray(v_ts, np.int64))),
-                            np.concatenate((self.v_val, np.asarray(v_val, np.float64))),
-                            np.concatenate((self.a_ts, np.asarray(a_ts, np.int64))),
-                            np.concatenate((self.a_val, np.asarray(a_val, np.float64))),
-                            self.t0, self.t1, self.max_time_diff_us)
+        p = _points_in_ranges(np.concatenate((self.v_ts, np.asarray(v_ts, np.int64))),
+                              np.concatenate((self.v_val, np.asarray(v_val, np.float64))),
+                              np.concatenate((self.a_ts, np.asarray(a_ts, np.int64))),
+                              np.concatenate((self.a_val, np.asarray(a_val, np.float64))),
+                              self.starts, self.ends, self.max_time_diff_us)
         n = len(p["ts_us"])
         return {"circuit": _bytes([self.circuit]).repeat(n), **p,
                 "v_meter": _bytes([self.v_meter]).repeat(n),
@@ -159,12 +171,16 @@ class Stream:
     back as Late work.
 
     ``start_us``: every meter's coverage at construction; the default assumes no readings exist
-    but those fed. A service that resumes over stored readings calls ``load`` per meter."""
+    but those fed. A service that resumes over stored readings calls ``load`` per meter.
+    ``late_gap_us``: a circuit's late ranges of one batch at most this far apart share one
+    Late (one fetch of the span between them, instead of a query per range)."""
 
     def __init__(self, circuits: Iterable[Circuit], max_time_diff_us: int, lateness_us: int,
-                 max_per_meter: int, start_us: int = I8_MIN):
-        if max_time_diff_us < 0 or lateness_us < 0 or max_per_meter < 1:
-            raise ValueError("need max_time_diff_us >= 0, lateness_us >= 0, max_per_meter >= 1")
+                 max_per_meter: int, start_us: int = I8_MIN, late_gap_us: int = 1_000_000):
+        if min(max_time_diff_us, lateness_us, late_gap_us) < 0 or max_per_meter < 1:
+            raise ValueError("need max_time_diff_us, lateness_us, late_gap_us >= 0 and "
+                             "max_per_meter >= 1")
+        self.late_gap = int(late_gap_us)
         self.max_diff = int(max_time_diff_us)
         self.lateness = int(lateness_us)
         self.max_per_meter = int(max_per_meter)
@@ -236,8 +252,8 @@ class Stream:
         v, a = self._cv[ci], self._ca[ci]
         sv, sa = self.series[v], self.series[a]
         cv, ca = changed.get(v, _I8), changed.get(a, _I8)
-        # from memory when the partner's memory reaches back D before the reading
-        mv, ma = cv >= _clip(sa.coverage + D), ca >= _clip(sv.coverage + D)
+        # from memory when the partner's as-of is known from the reading's time on
+        mv, ma = cv >= sa.reach(D), ca >= sv.reach(D)
         starts, ends = [], []
         if not mv.all():
             starts.append(cv[~mv])
@@ -259,23 +275,27 @@ class Stream:
             late.extend(self._late(ci, np.concatenate(starts), np.concatenate(ends), outside))
 
     def _late(self, ci: int, t0: np.ndarray, t1: np.ndarray, outside) -> list[Late]:
-        """Late ranges of one circuit, merged when they overlap or lie at most D apart."""
+        """Late ranges of one circuit: overlapping ones joined, then grouped into one Late
+        when at most late_gap_us apart."""
         D = self.max_diff
         self.late_readings += len(t0)
         order = np.argsort(t0, kind="stable")
         t0, t1 = t0[order], np.maximum.accumulate(t1[order])
-        first = np.flatnonzero(np.r_[True, t0[1:] > t1[:-1] + D])
-        last = np.r_[first[1:] - 1, len(t0) - 1]
+        first = np.flatnonzero(np.r_[True, t0[1:] > t1[:-1] + 1])
+        starts, ends = t0[first], t1[np.r_[first[1:] - 1, len(t0) - 1]]
+        group = np.flatnonzero(np.r_[True, starts[1:] > ends[:-1] + self.late_gap])
         v, a = self._cv[ci], self._ca[ci]
         out = []
-        for lo, hi in zip(t0[first].tolist(), t1[last].tolist(), strict=True):
+        for g0, g1 in zip(group.tolist(), [*group[1:].tolist(), len(starts)], strict=True):
+            lo, hi = int(starts[g0]), int(ends[g1 - 1])
             hand = []
             for m in (v, a):
                 t, val = self.series[m].between(lo - D, hi)
                 ot, ov = outside.get(m, (_I8, _F8))
                 keep = (ot >= lo - D) & (ot <= hi)
                 hand += [np.concatenate((t, ot[keep])), np.concatenate((val, ov[keep]))]
-            out.append(Late(self.circuits[ci].name, v.decode(), a.decode(), lo, hi, D, *hand))
+            out.append(Late(self.circuits[ci].name, v.decode(), a.decode(), lo, hi, D,
+                            starts[g0:g1], ends[g0:g1], *hand))
         return out
 
     def _power_columns(self, parts: list) -> dict[str, np.ndarray]:
@@ -308,17 +328,16 @@ class Stream:
         return self.series[meter.encode()].coverage
 
     def final_through(self, circuit: str) -> int:
-        """No reading the stream handles in memory can change this circuit's points at
-        t <= final_through any more: such a reading of m at s needs s >= coverage_start(m) and
-        s >= coverage_start(partner) + D, and changes only points at t >= s. So this is
-        min over its two meters m of max(coverage_start(m), coverage_start(partner) + D), minus
-        one. Later changes of those points come only as Late work (answered from storage).
-        It rises as memory is trimmed and falls only when ``load`` lowers a coverage."""
+        """max(coverage_start(v), coverage_start(a)) - 1 for the circuit's meters v and a: no
+        reading the stream handles in memory can change the circuit's points at t <= this any
+        more, since such a reading at s needs s >= the coverage start of both meters (its own,
+        and its partner's as-of known from s on) and changes only points at t >= s. Later
+        changes of those points come only as Late work (answered from storage). It rises as
+        memory is trimmed (in steady flow to about newest - lateness - D) and falls only when
+        ``load`` lowers a coverage."""
         ci = self._index[circuit]
-        cv = self.series[self._cv[ci]].coverage
-        ca = self.series[self._ca[ci]].coverage
-        D = self.max_diff
-        return _clip(min(max(cv, ca + D), max(ca, cv + D)) - 1)
+        return _clip(max(self.series[self._cv[ci]].coverage,
+                         self.series[self._ca[ci]].coverage) - 1)
 
     @property
     def memory_bytes(self) -> int:
@@ -344,6 +363,12 @@ class _Series:
 
     def view(self) -> tuple[np.ndarray, np.ndarray]:
         return self.ts[self.lo:self.hi], self.val[self.lo:self.hi]
+
+    def reach(self, D: int) -> int:
+        """From this time on the meter's as-of is known from memory, or known to be more than
+        D old: its first reading held, or coverage + D when that comes first."""
+        first = int(self.ts[self.lo]) if self.hi > self.lo else I8_MAX
+        return min(first, _clip(self.coverage + D))
 
     def between(self, t0: int, t1: int) -> tuple[np.ndarray, np.ndarray]:
         """Copies of the readings held with t0 <= ts <= t1."""
@@ -442,7 +467,7 @@ def _affected_end(t: np.ndarray, s: np.ndarray, D: int) -> np.ndarray:
 def _within(t: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """The values of sorted t inside any of the ranges [starts, ends)."""
     lo, hi = np.searchsorted(t, starts, "left"), np.searchsorted(t, ends, "left")
-    n = hi - lo
+    n = np.maximum(hi - lo, 0)  # an empty range may end before it starts
     total = int(n.sum())
     if not total:
         return _I8

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.power.asof import Stream, points_in_range, reference_points
+from services.power.asof import I8_MAX, Stream, points_in_range, reference_points
 from shared.config import Circuit
 
 D = 500_000  # 0.5 s
@@ -168,7 +168,7 @@ def test_readings_older_than_memory_come_back_as_late_work():
     store = [(V, t, 1.0) for t in range(0, 1000, 10)] + [(A1, t, 2.0) for t in range(0, 1000, 10)]
     s.feed(*batch(*store))
     assert s.coverage_start(V) == s.coverage_start(A1) == 880  # newest 990 - lateness - D
-    assert s.final_through("c1") == 889
+    assert s.final_through("c1") == 879
     late_a = (A1, 505, 3.0)
     cols, late = s.feed(*batch(late_a))
     assert len(cols["ts_us"]) == 0 and len(late) == 1
@@ -196,12 +196,14 @@ def test_partner_memory_too_short_gives_late_work_up_to_the_next_reading():
     assert late[0].v_ts.tolist() == [100, 104]  # memory's readings in [since, t1]
 
 
-def test_late_ranges_merge_when_close():
-    s = Stream([C1], 10, 0, 1000)
+def test_late_ranges_close_together_share_one_fetch():
+    s = Stream([C1], 10, 0, 1000, late_gap_us=100)
     s.feed(*batch(*[(m, t, 1.0) for t in (8000, 9000, 10_000) for m in (V, A1)]))
     assert s.coverage_start(A1) == 9000
-    _, late = s.feed(*batch((A1, 100, 1.0), (A1, 115, 1.0), (A1, 130, 1.0), (A1, 500, 1.0)))
-    assert [(w.t0, w.t1) for w in late] == [(100, 140), (500, 510)]
+    _, late = s.feed(*batch((A1, 100, 1.0), (A1, 105, 1.0), (A1, 130, 1.0), (A1, 500, 1.0)))
+    assert [(w.t0, w.t1, w.starts.tolist(), w.ends.tolist()) for w in late] == [
+        (100, 140, [100, 130], [115, 140]), (500, 510, [500], [510])]
+    assert late[0].since == 90
 
 
 def test_memory_is_bounded_by_lateness_and_by_the_cap():
@@ -217,18 +219,31 @@ def test_memory_is_bounded_by_lateness_and_by_the_cap():
 
 def test_load_seeds_memory_and_coverage():
     s = Stream([C1], 10, 1000, 1000, start_us=10**9)  # nothing covered yet
-    assert s.final_through("c1") == 10**9 + 9
+    assert s.final_through("c1") == 10**9 - 1
     _, late = s.feed(*batch((V, 500, 1.0)))
     assert [(w.t0, w.t1) for w in late] == [(500, 510)]
     s.load(V, [300, 100, 200, 200], [1.0, 2.0, 3.0, 4.0], coverage_start=200)
     s.load(A1, [195, 250], [0.5, 0.25], coverage_start=195)
     assert s.coverage_start(V) == 200 and s.coverage_start(A1) == 195
-    assert s.final_through("c1") == min(max(200, 205), max(195, 210)) - 1
+    assert s.final_through("c1") == 199
     cols, late = s.feed(*batch((A1, 305, 1.0)))
     assert late == [] and rows(cols) == {("c1", 305): (1.0, 1.0)}
-    cols, late = s.feed(*batch((A1, 202, 2.0)))  # before V's coverage + D: late
-    assert rows(cols) == {} and [(w.t0, w.t1) for w in late] == [(202, 212)]
-    assert late[0].v_ts.tolist() == [200] and late[0].a_ts.tolist() == [195, 202]
+    cols, late = s.feed(*batch((A1, 202, 2.0)))  # V's memory has its as-of: V at 200
+    assert late == [] and rows(cols) == {("c1", 202): (4.0, 2.0)}
+    cols, late = s.feed(*batch((A1, 190, 2.0)))  # before A's coverage: late
+    assert rows(cols) == {} and [(w.t0, w.t1) for w in late] == [(190, 200)]
+    assert late[0].v_ts.tolist() == [200] and sorted(late[0].a_ts.tolist()) == [190, 195]
+
+
+def test_partner_as_of_unknown_until_coverage_plus_d_when_no_reading_at_its_start():
+    d = 10
+    s = Stream([C1], d, 1000, 1000, start_us=I8_MAX)
+    s.load(V, [320], [1.0], coverage_start=300)  # a stored V at 299 would be unknown
+    s.load(A1, [], [], coverage_start=0)
+    cols, late = s.feed(*batch((A1, 309, 0.5)))  # might pair with V at 299: late
+    assert rows(cols) == {} and [(w.t0, w.t1) for w in late] == [(309, 319)]
+    cols, late = s.feed(*batch((A1, 310, 0.5)))  # V at 299 or before would be too old
+    assert late == [] and rows(cols) == {("c1", 320): (1.0, 0.5)}
 
 
 def test_set_circuits_keeps_shared_meters_and_uncovers_new_ones():
