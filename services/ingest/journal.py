@@ -7,7 +7,7 @@ what it already has. One file per batch (``<seq>.batch``: the encoded bus body),
 and renamed, deleted when acked.
 
 Replicas share ``ingest.journal_dir``: each one holds one stream directory in it
-(``<journal_dir>/<stream id>/``), locked (an exclusive ``fcntl`` lock the kernel frees when the
+(``<journal_dir>/<stream id>/``), locked (an exclusive ``flock`` the kernel frees when the
 process dies, kill -9 included) while it runs. A starting replica takes an unlocked stream
 directory if there is one (its id, numbering and unacked batches with it), else makes a new
 one; a running replica also adopts, now and then, unlocked directories that still hold batches
@@ -62,19 +62,20 @@ class Journal:
     @classmethod
     def try_lock(cls, directory: Path, fsync: bool = False) -> Journal | None:
         fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:  # flock: held by this open file, so the same process trying again is refused too
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
             return None
         return cls(directory, fd, fsync)
 
     @classmethod
-    def orphans(cls, journal_dir: str, fsync: bool = False) -> list[Journal]:
-        """Unlocked stream directories that still hold batches: locked, for adoption."""
+    def orphans(cls, journal_dir: str, fsync: bool = False, held=()) -> list[Journal]:
+        """Unlocked stream directories that still hold batches: locked, for adoption
+        (``held``: ids this process holds already)."""
         found = []
         for directory in _streams(Path(journal_dir)):
-            if not any(directory.glob("*" + SUFFIX)):
+            if directory.name in held or not any(directory.glob("*" + SUFFIX)):
                 continue
             journal = cls.try_lock(directory, fsync)
             if journal is not None:

@@ -197,7 +197,8 @@ class Ingest:
                 log.info("adopted stream %s: all acked, released", source)
                 outbox.journal.release()
                 del self.adopted[source]
-        for journal in Journal.orphans(self.cfg["journal_dir"], self.cfg["journal_fsync"]):
+        held = {self.outbox.journal.id, *self.adopted}
+        for journal in Journal.orphans(self.cfg["journal_dir"], self.cfg["journal_fsync"], held):
             log.warning("adopting the journal of stream %s (its replica is gone)", journal.id)
             self.rt.counters["streams_adopted"] += 1
             self.adopted[journal.id] = self._outbox(journal)

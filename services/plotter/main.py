@@ -57,6 +57,8 @@ class Window:
             merged = [np.concatenate(([old[i]] if old else []) + [p[i] for p in parts])
                       for i in range(4)]
             order = np.argsort(merged[0], kind="stable")
+            ts = merged[0][order]  # a point computed again (corrected) replaces the old one
+            order = order[np.r_[ts[1:] != ts[:-1], True]]
             if len(order) > self.keep:  # bound memory: thin evenly, keep the newest point
                 order = order[np.linspace(0, len(order) - 1, self.keep // 2).astype(np.int64)]
             self.data[name] = [col[order] for col in merged]

@@ -19,7 +19,6 @@ import os
 import time
 
 import numpy as np
-import zmq
 
 from services.storage.writer import Writer
 from shared import parsing, topics
@@ -29,6 +28,7 @@ from shared.messages import Message
 from shared.service import Runtime
 
 log = logging.getLogger("storage")
+POWER_COLUMNS = ("circuit", "ts_us", "watts", "volts", "amps", "v_meter", "a_meter")
 DRAIN_QUIET_MS = 300  # on stop: wait this long with no message before closing
 GUARD_EVERY_S = 1.0  # free disk space looked at this often
 
@@ -40,11 +40,7 @@ class Storage:
         self.table = parsing.MeterTable(rt.cfg.meters)
         self.db = open_database(storage_url(cfg), rt.cfg.meters, rt.cfg.circuits,
                                 Retention.from_config(cfg), wal_max_mb=cfg["wal_max_mb"])
-        self.work = rt.puller()  # raw batches: a share of the work queue
-        self.sub = rt.subscriber([topics.POWER])
-        self.poller = zmq.Poller()
-        self.poller.register(self.work.sock, zmq.POLLIN)
-        self.poller.register(self.sub.sock, zmq.POLLIN)
+        self.work = rt.puller()  # raw and power batches: a share of the work queue
         self.pub = rt.publisher()
         self.batch_max = cfg["batch_max"]
         self.writer = Writer(self.db)
@@ -65,9 +61,8 @@ class Storage:
         msgs: list[Message] = []
         if self.paused or self.writer.disk_full:
             time.sleep(timeout_ms / 1000)
-        elif self.poller.poll(timeout_ms):
-            msgs = (self.work.recv_batch(0, self.batch_max)
-                    + self.sub.recv_batch(0, self.batch_max))
+        else:
+            msgs = self.work.recv_batch(timeout_ms, self.batch_max)
         if msgs:
             self.handle(msgs)
         self.finish(self.writer.completed())
@@ -104,10 +99,12 @@ class Storage:
         batches: list[RawBatch | PowerBatch] = []
         known: list[tuple[str, int]] = []  # raw batches surely in the database already
         for msg in msgs:
-            if msg.topic == topics.POWER:
-                batches.append(PowerBatch(msg.data))
-            elif msg.seq <= self.lows.get(msg.src, -1):
+            if msg.seq <= self.lows.get(msg.src, -1):
                 known.append((msg.src, msg.seq))
+            elif msg.topic == topics.POWER:
+                d = msg.data
+                batches.append(PowerBatch({k: d[k] for k in POWER_COLUMNS}, msg.src, msg.seq,
+                                          d.get("base", 0), d.get("progress", {})))
             else:
                 batches.append(self.parse(msg))
         if known:
@@ -186,9 +183,8 @@ class Storage:
         for batches, applied in completed:
             keys = []
             for b, fresh in zip(batches, applied, strict=True):
-                if isinstance(b, RawBatch):
-                    keys.append((b.source, b.seq))
-                    self.lows[b.source] = max(self.lows.get(b.source, -1), b.base - 1)
+                keys.append((b.source, b.seq))
+                self.lows[b.source] = max(self.lows.get(b.source, -1), b.base - 1)
                 if fresh:
                     self._count(b)
                 else:
@@ -246,7 +242,7 @@ def sqlite_leader(rt: Runtime) -> object | None:
     said = False
     while not rt.stopping.is_set():
         try:
-            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if said:
                 log.warning("taking over: this replica now writes %s", url)
             rt.gauges["role"] = "writer"

@@ -30,6 +30,7 @@ from shared.db import (
     HOUR_US,
     MINUTE_US,
     DiskFull,
+    NotReady,
     PowerBatch,
     RawBatch,
     Retention,
@@ -156,25 +157,36 @@ class SqliteDatabase:
     def __init__(self, path: str, meters: tuple[Meter, ...] | list[Meter] = (),
                  circuits: tuple[Circuit, ...] | list[Circuit] = (),
                  retention: Retention | None = None, wal_max_mb: float = 64,
-                 busy_timeout_s: float = 10.0, checkpoints: bool = True):
+                 busy_timeout_s: float = 10.0, checkpoints: bool = True, writer: bool = True):
+        """``writer`` False: only reads (power, the dashboard, export): the schema must be
+        there already (storage makes it; ``NotReady`` until then), nothing is written."""
         self.url = f"sqlite:///{path}"
         self.path = path
         self.dir = Path(path).resolve().parent
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.retention = retention or Retention()
         self.wal_max = int(wal_max_mb * (1 << 20))
         self.busy_timeout_s = busy_timeout_s
-        self.conn = self._connect()
-        self.max_params = self.conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
-        self._migrate()
-        self.meter_ids = self._meters(meters)
-        self.circuit_ids: dict[tuple[str, str, str], int] = {}
         self.state: dict[str, Any] = {"checkpoint_failing": None, "wal_restarts": 0,
                                       "wal_restart_busy": 0, "retention_deleted": 0}
         self._readers = threading.local()
         self._reader_conns: list[sqlite3.Connection] = []
         self._stop = threading.Event()
         self._checkpointer = None
+        if not writer:
+            if not Path(path).exists():
+                raise NotReady(f"no database at {path} yet (storage makes it)")
+            self.conn = self._reader()
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            if version != SCHEMA_VERSION:
+                self.conn.close()
+                raise NotReady(f"{path} has schema {version}, not {SCHEMA_VERSION} (yet)")
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.conn = self._connect()
+        self.max_params = self.conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+        self._migrate()
+        self.meter_ids = self._meters(meters)
+        self.circuit_ids: dict[tuple[str, str, str], int] = {}
         if checkpoints:
             self._checkpointer = threading.Thread(target=self._checkpoint_loop, daemon=True,
                                                   name="checkpoint")
@@ -553,6 +565,28 @@ class SqliteDatabase:
         else:
             self.conn.execute("DELETE FROM power_1m WHERE circuit_id = ? AND t = ?", (cid, t))
 
+    def newest(self, meters: list[str]) -> dict[str, int]:
+        """The latest stored reading's time of each meter that has one."""
+        out = {}
+        for ip in meters:
+            row = self._reader().execute(
+                "SELECT max(r.ts_us) FROM readings r JOIN meters m ON m.id = r.meter_id"
+                " WHERE m.ip = ?", (ip,)).fetchone()
+            if row[0] is not None:
+                out[ip] = row[0]
+        return out
+
+    def newest_power(self, circuits: list[str]) -> dict[str, int]:
+        """The latest stored power point's time of each circuit that has one."""
+        out = {}
+        for name in circuits:
+            row = self._reader().execute(
+                "SELECT max(p.ts_us) FROM power p JOIN circuits c ON c.id = p.circuit_id"
+                " WHERE c.name = ?", (name,)).fetchone()
+            if row[0] is not None:
+                out[name] = row[0]
+        return out
+
     def progress(self) -> dict[str, int]:
         """Each circuit's checkpoint: stored points up to this time are final."""
         return dict(self._reader().execute(
@@ -657,13 +691,14 @@ class SqliteDatabase:
         self._stop.set()
         if self._checkpointer is not None:
             self._checkpointer.join()
-        try:
-            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.OperationalError as exc:  # a full disk: the WAL stays, nothing lost
-            log.warning("final WAL checkpoint failed: %s", exc)
+            try:
+                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.OperationalError as exc:  # a full disk: the WAL stays, nothing lost
+                log.warning("final WAL checkpoint failed: %s", exc)
         for conn in self._reader_conns:
             conn.close()
-        self.conn.close()
+        if self.conn not in self._reader_conns:
+            self.conn.close()
 
 
 def _has_table(conn: sqlite3.Connection, name: str) -> bool:
