@@ -91,7 +91,7 @@ class Roster:
     that stopped reporting (killed, hung) and not only the ones it hears. An instance that
     stops in order says so in its last stats and leaves the roster."""
 
-    FORGET_S = 600.0
+    FORGET_S = 120.0  # a silent instance is named this long, then forgotten
 
     def __init__(self, rt: Runtime):
         self.rt = rt
