@@ -17,6 +17,18 @@ ENV PYTHONUNBUFFERED=1 \
     WATTFLOW_CONFIG=/etc/wattflow/config.yaml \
     WATTFLOW_RUNTIME_RUN_DIR=/tmp/wattflow
 
+# `as-owner DIR COMMAND...` runs COMMAND as the uid:gid that owns DIR, with no other groups. The
+# plotter starts as root with it, so it writes the charts as the owner of the host's plots folder.
+RUN printf '%s\n' '#!/opt/venv/bin/python3' \
+      '"""as-owner DIR COMMAND...: run COMMAND as the owner (uid:gid) of DIR; started as root."""' \
+      'import os, sys' \
+      'st = os.stat(sys.argv[1])' \
+      'os.setgroups([])' \
+      'os.setgid(st.st_gid)' \
+      'os.setuid(st.st_uid)' \
+      'os.execvp(sys.argv[2], sys.argv[2:])' >/usr/local/bin/as-owner \
+ && chmod 755 /usr/local/bin/as-owner
+
 # Dependencies first (their layer survives code changes); the list comes from pyproject.toml.
 RUN python3 -m venv /opt/venv
 COPY pyproject.toml /src/pyproject.toml
