@@ -13,7 +13,7 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     HOME=/tmp \
-    MPLCONFIGDIR=/tmp/matplotlib \
+    MPLCONFIGDIR=/opt/matplotlib \
     WATTFLOW_CONFIG=/etc/wattflow/config.yaml \
     WATTFLOW_RUNTIME_RUN_DIR=/tmp/wattflow
 
@@ -34,7 +34,11 @@ RUN python3 -m venv /opt/venv
 COPY pyproject.toml /src/pyproject.toml
 COPY wheels/ /wheels/
 RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
- && pip install --no-cache-dir ${PIP_INSTALL_ARGS} -r /tmp/requirements.txt
+ && pip install --no-cache-dir ${PIP_INSTALL_ARGS} -r /tmp/requirements.txt \
+ && python3 -c "import matplotlib.font_manager" \
+ && chmod 1777 /opt/matplotlib && chmod -R a+r /opt/matplotlib
+# ^ matplotlib's font cache, made once here: made at start instead it costs the plotter ~6 s.
+#   Readable by any uid (the plotter runs as the plots folder's owner); the folder is open like /tmp.
 
 COPY README.md /src/README.md
 COPY shared/ /src/shared/
