@@ -74,24 +74,31 @@ db() {  # run SQL against the database in the volume, inside the storage contain
   dc exec -T storage python -c "import sqlite3,sys; c=sqlite3.connect('file:/data/wattflow.db?mode=ro', uri=True); print(c.execute(sys.argv[1]).fetchone()[0])" "$1"
 }
 
-# Send lines from the host: $1 connections x $2 ticks (1 V + 4 A lines per tick), time offset $3
+# Send lines from the host: $1 connections x $2 ticks (1 V + 4 A lines per tick), time offset $3,
+# $4 s between ticks; with $5 (a file name): until that file exists instead, $2 ticks at most.
+# Prints the number of lines sent.
 send() {
-  python3 - "$PORT" "$1" "$2" "$3" "${4:-0}" <<'PY'
-import socket, sys, threading, time
+  python3 - "$PORT" "$1" "$2" "$3" "${4:-0}" "${5:-}" <<'PY'
+import os, socket, sys, threading, time
 port, conns, ticks, offset, pace = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+until = sys.argv[6]
 ranges = {"10.0.0.1": (0, 110), "10.0.0.2": (0, 0.5), "10.0.0.3": (0.2, 1), "10.0.0.4": (1, 5), "10.0.0.5": (3, 10)}
+sent = [0] * conns
 def stamp(us):
     return time.strftime("%Y.%m.%d %H:%M:%S", time.gmtime(us // 1_000_000)) + ".%06d" % (us % 1_000_000)
 def run(c):
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
         for k in range(ticks):
+            if until and os.path.exists(until):
+                break
             t = 1_714_000_000_000_000 + (offset + c * ticks + k) * 100_000  # 0.1 s apart
             s.sendall(b"".join(("%s\t%s\t%s\n" % (m, stamp(t), (lo + hi) / 2)).encode() for m, (lo, hi) in ranges.items()))
+            sent[c] += 5
             if pace:
                 time.sleep(pace)
 threads = [threading.Thread(target=run, args=(c,)) for c in range(conns)]
 [t.start() for t in threads]; [t.join() for t in threads]
-print(conns * ticks * 5)
+print(sum(sent))
 PY
 }
 
@@ -156,13 +163,17 @@ owner=$(stat -c %u:%g "$PLOTS/power.png")
 say "PASS: chart $PLOTS/power.png ($(stat -c %s "$PLOTS/power.png") bytes) on the host, owned by the folder's owner $owner"
 
 before=$(db "SELECT count(*) FROM readings")
-send 4 300 200000 0.01 >"$TMP/sent.txt" &
+send 4 100000 200000 0.01 "$TMP/stop-sending" >"$TMP/sent.txt" &   # until told to stop
 sender=$!
-sleep 1   # let lines flow before the restart
+wait_count "SELECT count(*) FROM readings" $(( before + 100 )) 60 >/dev/null   # lines flow
 say "docker compose restart storage (while lines flow)"
 t=$(now)
 dc restart storage >/dev/null 2>&1 || fail "restart failed"
 say "restart storage took $(since "$t") s"
+wait_healthy                                   # the new storage process is up and storing
+mid=$(db "SELECT count(*) FROM readings")
+wait_count "SELECT count(*) FROM readings" $(( mid + 100 )) 60 >/dev/null   # and lines still flow
+touch "$TMP/stop-sending"
 wait "$sender" || fail "sender failed during the restart"
 more=$(cat "$TMP/sent.txt")
 got=$(wait_count "SELECT count(*) FROM readings" $(( before + more )) 120)
@@ -190,6 +201,7 @@ wait_png "$DEMO_PLOTS/power.png" 60
 say "PASS: chart $DEMO_PLOTS/power.png $(since "$t") s after up (folder and chart owned by $(stat -c %u:%g "$DEMO_PLOTS/power.png"), as Docker made the folder)"
 got=$(wait_count "SELECT count(*) FROM readings" 100 60)
 say "PASS: simulated meters: $got readings stored"
+wait_healthy   # all up (a process still starting has no SIGTERM handler yet)
 t=$(now)
 dc --profile demo stop >/dev/null 2>&1 || fail "docker compose --profile demo stop failed"
 say "docker compose --profile demo stop took $(since "$t") s"
