@@ -13,16 +13,32 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     HOME=/tmp \
-    MPLCONFIGDIR=/tmp/matplotlib \
+    MPLCONFIGDIR=/opt/matplotlib \
     WATTFLOW_CONFIG=/etc/wattflow/config.yaml \
     WATTFLOW_RUNTIME_RUN_DIR=/tmp/wattflow
+
+# `as-owner DIR COMMAND...` runs COMMAND as the uid:gid that owns DIR, with no other groups. The
+# plotter starts as root with it, so it writes the charts as the owner of the host's plots folder.
+RUN printf '%s\n' '#!/opt/venv/bin/python3' \
+      '"""as-owner DIR COMMAND...: run COMMAND as the owner (uid:gid) of DIR; started as root."""' \
+      'import os, sys' \
+      'st = os.stat(sys.argv[1])' \
+      'os.setgroups([])' \
+      'os.setgid(st.st_gid)' \
+      'os.setuid(st.st_uid)' \
+      'os.execvp(sys.argv[2], sys.argv[2:])' >/usr/local/bin/as-owner \
+ && chmod 755 /usr/local/bin/as-owner
 
 # Dependencies first (their layer survives code changes); the list comes from pyproject.toml.
 RUN python3 -m venv /opt/venv
 COPY pyproject.toml /src/pyproject.toml
 COPY wheels/ /wheels/
 RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
- && pip install --no-cache-dir ${PIP_INSTALL_ARGS} -r /tmp/requirements.txt
+ && pip install --no-cache-dir ${PIP_INSTALL_ARGS} -r /tmp/requirements.txt \
+ && python3 -c "import matplotlib.font_manager" \
+ && chmod 1777 /opt/matplotlib && chmod -R a+r /opt/matplotlib
+# ^ matplotlib's font cache, made once here: made at start instead it costs the plotter ~6 s.
+#   Readable by any uid (the plotter runs as the plots folder's owner); the folder is open like /tmp.
 
 COPY README.md /src/README.md
 COPY shared/ /src/shared/
