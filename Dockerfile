@@ -51,5 +51,5 @@ COPY config.yaml /etc/wattflow/config.yaml
 
 USER 10001:10001
 WORKDIR /data
-EXPOSE 44444 5550 5551
+EXPOSE 44444 5550 5551 5552 5553
 CMD ["wattflow", "--help"]
