@@ -41,10 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="wattflow",
         description="Meter readings over TCP -> validated storage, power and live charts.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    services = {}
     for name in SERVICES:
-        sub.add_parser(name, parents=[common], help=f"run the {name} service",
-                       description=f"Run the {name} service in the foreground (SIGTERM stops it "
-                                   "after flushing what is in flight).")
+        services[name] = sub.add_parser(
+            name, parents=[common], help=f"run the {name} service",
+            description=f"Run the {name} service in the foreground (SIGTERM stops it after "
+                        "flushing what is in flight).")
     up = sub.add_parser("up", parents=[common], help="run the whole stack as local processes",
                         description="Start broker, ingest, storage, power and plotter as local "
                                     "processes with merged, prefixed logs; Ctrl-C stops them all.")
@@ -83,6 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--wait", type=float, help="seconds to listen (default 2.5 intervals)")
     status.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    psub = services["power"].add_subparsers(
+        dest="power_command", metavar="ACTION",
+        help="without one: run the service; recompute: rebuild stored power from readings")
+    rec = psub.add_parser(
+        "recompute", parents=[common], help="rebuild stored power from stored readings",
+        description="Rebuild the stored power of a range from the stored readings (after a "
+                    "change of circuits or of power.max_time_diff): the range's points are "
+                    "computed again and replace what was there. Times: the meters' clocks, "
+                    "e.g. '2024-04-27 12:00:00' (UTC, as stored). Default: everything stored.")
+    rec.add_argument("--from", dest="t_from", metavar="TIME", help="first time (default: the "
+                     "circuit's first reading)")
+    rec.add_argument("--to", dest="t_to", metavar="TIME", help="last time (default: its last)")
+    rec.add_argument("--circuit", action="append", default=[], metavar="NAME",
+                     help="only this circuit (repeatable; default: all configured)")
     health = sub.add_parser("health", parents=[common], help="exit 0 if a local service is alive",
                             description="Check a service's heartbeat file in runtime.run_dir "
                                         "(for container health checks).")
@@ -99,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wattflow: bad config: {exc}", file=sys.stderr)
         return 2
     setup_logging(args.log_level or cfg.runtime["log_level"])
-    if args.command in SERVICES:
+    if args.command in SERVICES and not getattr(args, "power_command", None):
         log.info("config: %s", cfg.source)
         try:
             return _service(args.command)(cfg)
@@ -109,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             log.error("%s cannot start: %s", args.command, exc)
             return 1
+    if args.command == "power" and getattr(args, "power_command", None) == "recompute":
+        return cmd_recompute(cfg, args)
     return {"up": cmd_up, "simulate": cmd_simulate, "tap": cmd_tap, "status": cmd_status,
             "health": cmd_health}[args.command](cfg, args)
 
@@ -189,6 +207,20 @@ def cmd_tap(cfg, args) -> int:
         sub.close()
         ctx.term()
     return 1 if args.count is not None and seen < args.count else 0
+
+
+def cmd_recompute(cfg, args) -> int:
+    from services.power.recompute import parse_time, recompute
+
+    try:
+        t_from = parse_time(args.t_from) if args.t_from else None
+        t_to = parse_time(args.t_to) if args.t_to else None
+        points = recompute(cfg, t_from, t_to, args.circuit)
+    except ValueError as exc:
+        print(f"wattflow power recompute: {exc}", file=sys.stderr)
+        return 2
+    print(f"recomputed: {points} power points stored")
+    return 0
 
 
 def cmd_status(cfg, args) -> int:

@@ -36,6 +36,7 @@ from shared.service import Runtime
 log = logging.getLogger("power")
 CATCHUP_CHUNK_US = 60_000_000  # readings of a circuit read from storage per catch-up step
 PEER_SILENT_S = 3.0  # a power replica not heard this long (in stats intervals) is gone
+PENDING_BATCHES = 1000  # readings batches kept per meter waiting for its seeding, at most
 GAP_RESYNC_DELAY_S = 2.0  # after a gap: let storage commit what was published, then catch up
 
 
@@ -69,6 +70,7 @@ class Power:
         self.started = time.monotonic()
         self.settle_s = 2.5 * rt.cfg.runtime["stats_interval_s"]  # hear the others first
         self.resync_at: float | None = None
+        self.pending: dict[str, list] = {}  # meter -> readings received before its seeding
         self.gaps_seen = 0
 
     # ---- the database ----------------------------------------------------------------------
@@ -169,7 +171,10 @@ class Power:
                 continue
             top = newest.get(m, job.position)
             cols = db.readings([m], top - window - self.D, top)
-            self.stream.load(m, cols["ts_us"], cols["value"], top - window - self.D)
+            held = self.pending.pop(m, [])
+            ts = np.concatenate([cols["ts_us"], *(t for t, _ in held)])
+            values = np.concatenate([cols["value"], *(v for _, v in held)])
+            self.stream.load(m, ts, values, top - window - self.D)
         log.info("circuit %s caught up from storage", c.name)
 
     def _compute(self, c: Circuit, t0: int, t1: int, db, hand=None) -> None:
@@ -189,11 +194,31 @@ class Power:
 
     def feed(self, msg) -> None:
         d = msg.data
+        self.hold_for_seed(d)
         points, late = self.stream.feed(d["meter"], d["ts_us"], d["value"])
         self.rt.counters["readings_in"] += len(d["ts_us"])
         if len(points["ts_us"]):
             self.emit(points, recv=d)
         self.answer(late)
+
+    def hold_for_seed(self, d) -> None:
+        """Readings of meters whose memory is not seeded yet (a catch-up runs): kept, and
+        merged into the memory with the stored readings when it is seeded (they may not be
+        stored yet then)."""
+        if not self.catchups:
+            return
+        for name in np.unique(d["meter"]).tolist():
+            m = name.decode()
+            try:
+                unseeded = self.stream.coverage_start(m) == I8_MAX
+            except KeyError:
+                continue
+            if unseeded:
+                sel = d["meter"] == name
+                held = self.pending.setdefault(m, [])
+                held.append((d["ts_us"][sel], d["value"][sel]))
+                if len(held) > PENDING_BATCHES:
+                    del held[0]
 
     def answer(self, late: list[Late]) -> None:
         """Late work: from storage, now (before the next batch: an answer must not overwrite
@@ -276,6 +301,10 @@ class Power:
         if self.resync_at is not None and time.monotonic() >= self.resync_at:
             self.resync_at = None
             log.warning("readings were lost on the way (a gap): catching up from storage")
+            owned = [self.circuits[n] for n in sorted(self.owned)]
+            self.stream.set_circuits([])  # memory may lack what was lost: start it afresh
+            self.stream.set_circuits(owned)
+            self.pending.clear()
             self.start_catchup(sorted(self.owned))
         self.rebalance()
         self.catchup_step()

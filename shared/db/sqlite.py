@@ -576,6 +576,17 @@ class SqliteDatabase:
                 out[ip] = row[0]
         return out
 
+    def oldest(self, meters: list[str]) -> dict[str, int]:
+        """The earliest stored reading's time of each meter that has one."""
+        out = {}
+        for ip in meters:
+            row = self._reader().execute(
+                "SELECT min(r.ts_us) FROM readings r JOIN meters m ON m.id = r.meter_id"
+                " WHERE m.ip = ?", (ip,)).fetchone()
+            if row[0] is not None:
+                out[ip] = row[0]
+        return out
+
     def newest_power(self, circuits: list[str]) -> dict[str, int]:
         """The latest stored power point's time of each circuit that has one."""
         out = {}

@@ -73,7 +73,7 @@ class Stack:
             else:
                 self.config[section] = values
         self.config_path = tmp / "config.yaml"
-        self.config_path.write_text(yaml.safe_dump(self.config))
+        self.rewrite_config()
         self.procs: dict[str, subprocess.Popen] = {}
         self.ctx = zmq.Context()
         self.subs: list[Subscriber] = []
@@ -81,6 +81,10 @@ class Stack:
         self.stats_sub = self.subscribe(topics.STATS)
         self.last_stats: dict[str, dict] = {}  # service -> its latest stats message
         self.by_instance: dict[str, dict] = {}  # instance id -> its latest stats message
+
+    def rewrite_config(self) -> None:
+        """Write ``self.config`` (changed by a test) to the file every service reads."""
+        self.config_path.write_text(yaml.safe_dump(self.config))
 
     def stats(self) -> dict[str, dict]:
         """The latest stats of each service (reads what arrived since the last call)."""
