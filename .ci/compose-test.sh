@@ -153,8 +153,15 @@ power=$(wait_count "SELECT count(*) FROM power" 1 60)
 watts=$(db "SELECT round(watts, 6) FROM power_view WHERE circuit = '10.0.0.4' LIMIT 1")
 [ "$watts" = "165.0" ] || fail "power for circuit 10.0.0.4 should be 55 V x 3 A = 165 W, got $watts"
 say "PASS: $power power points stored (55 V x 3 A = $watts W)"
-tapped=$(dc exec -T storage timeout 30 wattflow tap power --count 1 --timeout 25 2>/dev/null & send 1 600 100000 0.01 >/dev/null; wait) || true
-echo "$tapped" | grep -q '"topic": "power"' || fail "wattflow tap power printed nothing: $tapped"
+# the tap may take seconds to start on a busy machine: lines flow until it has printed one
+dc exec -T storage timeout 90 wattflow tap power --count 1 --timeout 85 >"$TMP/tap.txt" 2>/dev/null &
+tap=$!
+send 1 100000 100000 0.01 "$TMP/tap-done" >/dev/null &
+tap_sender=$!
+wait "$tap" || true
+touch "$TMP/tap-done"
+wait "$tap_sender" || true
+grep -q '"topic": "power"' "$TMP/tap.txt" || fail "wattflow tap power printed nothing: $(cat "$TMP/tap.txt")"
 say "PASS: wattflow tap power inside the network prints power messages"
 
 wait_png "$PLOTS/power.png" 60

@@ -10,9 +10,12 @@ import socket
 import subprocess
 import threading
 
+import pytest
+
 from tests.integration.lines import A_METERS, RANGES, SECOND, T0, V_METER, line
 from tests.integration.stack import wait_for
 
+pytestmark = pytest.mark.timeout(600)
 D_US = 500_000  # power.max_time_diff, the default
 ASOF_SQL = """
 WITH v AS (SELECT ts_us, max(value) AS val FROM readings WHERE meter_id = :v GROUP BY ts_us),
