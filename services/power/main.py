@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from services.power.asof import I8_MAX, Late, Stream, points_in_range
+from services.power.asof import I8_MAX, I8_MIN, Late, Stream, points_in_range
 from shared import topics
 from shared.config import Circuit, Config
 from shared.db import NotReady, open_database, storage_url
@@ -151,12 +151,15 @@ class Power:
             self._seed(job, newest)
             return
         end = max(newest.values())
-        if job.position < min(newest.values()) - self.D:  # nothing earlier can pair
-            job.position = min(newest.values()) - self.D
-        t1 = min(job.position + CATCHUP_CHUNK_US, end)
-        self._compute(c, job.position, t1, db)
-        self.rt.counters["catchup_chunks"] += 1
-        job.position = t1 + 1
+        # skip time with no readings: points exist only at readings' times
+        first = db.oldest([c.voltage, c.current], after=job.position - 1)
+        if first and min(first.values()) > job.position:
+            job.position = min(first.values())
+        if job.position <= end:
+            t1 = min(job.position + CATCHUP_CHUNK_US, end)
+            self._compute(c, job.position, t1, db)
+            self.rt.counters["catchup_chunks"] += 1
+            job.position = t1 + 1
         if job.position > end:
             self._seed(job, newest)
 
@@ -170,11 +173,12 @@ class Power:
             if self.stream.coverage_start(m) != I8_MAX:  # already in memory (shared meter)
                 continue
             top = newest.get(m, job.position)
-            cols = db.readings([m], top - window - self.D, top)
+            start = max(top - window - self.D, I8_MIN + 1)
+            cols = db.readings([m], start, top)
             held = self.pending.pop(m, [])
             ts = np.concatenate([cols["ts_us"], *(t for t, _ in held)])
             values = np.concatenate([cols["value"], *(v for _, v in held)])
-            self.stream.load(m, ts, values, top - window - self.D)
+            self.stream.load(m, ts, values, start)
         log.info("circuit %s caught up from storage", c.name)
 
     def _compute(self, c: Circuit, t0: int, t1: int, db, hand=None) -> None:
@@ -276,8 +280,9 @@ class Power:
                 through = self.stream.final_through(name)
             if name in unacked:
                 through = min(through, unacked[name] - 1)
-            if through > -(2**62):
-                out[name] = int(through)
+            # always said, even "nothing final yet": a circuit with a checkpoint was computed
+            # by this power (one without is an older version's, resumed after its last point)
+            out[name] = int(max(through, I8_MIN + 1))
         return out
 
     def poll_acks(self) -> None:

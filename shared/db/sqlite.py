@@ -576,13 +576,15 @@ class SqliteDatabase:
                 out[ip] = row[0]
         return out
 
-    def oldest(self, meters: list[str]) -> dict[str, int]:
-        """The earliest stored reading's time of each meter that has one."""
+    def oldest(self, meters: list[str], after: int | None = None) -> dict[str, int]:
+        """The earliest stored reading's time (after ``after``, if given) of each meter that
+        has one."""
         out = {}
         for ip in meters:
             row = self._reader().execute(
                 "SELECT min(r.ts_us) FROM readings r JOIN meters m ON m.id = r.meter_id"
-                " WHERE m.ip = ?", (ip,)).fetchone()
+                " WHERE m.ip = ? AND r.ts_us > ?",
+                (ip, -(2**63) if after is None else after)).fetchone()
             if row[0] is not None:
                 out[ip] = row[0]
         return out
