@@ -164,7 +164,7 @@ class Runtime:
         if now < self._next_tick:
             return
         self._next_tick = now + self.cfg.runtime["stats_interval_s"]
-        tmp = self.heartbeat_file.with_suffix(".tmp")
+        tmp = self.heartbeat_file.with_name(f".{self.heartbeat_file.name}.{os.getpid()}.tmp")
         tmp.write_text(self.problem or "")  # `wattflow health` says what is wrong, if anything
         tmp.replace(self.heartbeat_file)
         stats_pub = self._stats_pub or self.publisher()  # a service that only listens reports too
