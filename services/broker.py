@@ -1,4 +1,9 @@
-"""The bus broker, the one stable point: XSUB (publishers connect), XPUB (subscribers connect)."""
+"""The bus broker, the one stable point: XSUB (publishers connect), XPUB (subscribers connect).
+
+With ``bus.curve`` on it also runs the ZAP authenticator (shared/auth.py): the XSUB lets in only
+keys allowed to publish, the XPUB only keys allowed to subscribe. Failed handshakes on either
+(no CURVE, a wrong server key, a refused key, or bytes that are not ZeroMQ at all) are counted.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,18 @@ import logging
 import threading
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
+from shared import auth
+from shared.bus import secure_bind
 from shared.config import Config
 from shared.service import CannotStart, Runtime, broker_port, tcp_endpoint
 
 log = logging.getLogger("broker")
+HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+# the sockets the broker binds: config key, and the role a client's key needs there
+BOUND = (("xsub_bind", "publish"), ("xpub_bind", "subscribe"))
 
 
 def run(cfg: Config) -> int:
@@ -25,17 +37,24 @@ def run(cfg: Config) -> int:
         sock.setsockopt(zmq.SNDHWM, cfg.bus["hwm"])
         sock.setsockopt(zmq.RCVHWM, cfg.bus["hwm"])
         sock.setsockopt(zmq.LINGER, 0)
-    for sock, key in ((xsub, "xsub_bind"), (xpub, "xpub_bind")):
-        try:
-            sock.bind(cfg.broker[key])
-        except zmq.ZMQError as exc:
-            xsub.close(linger=0)
-            xpub.close(linger=0)
-            rt.close()
-            where = tcp_endpoint(cfg.broker[key])
-            if where is None:
-                raise CannotStart(f"broker cannot bind {cfg.broker[key]} (broker.{key}): {exc}")
-            raise CannotStart(broker_port(key, *where).explain(str(exc)))
+    gate = None
+    try:
+        gate = auth.start_authenticator(rt.ctx, cfg, rt.counters)  # before anyone can connect
+        for sock, (key, role) in zip((xsub, xpub), BOUND, strict=True):
+            bind(sock, cfg, key, role)
+        rt.publisher()  # our stats go through the bus too: a missing client key shows now
+    except (CannotStart, auth.KeyProblem):
+        for sock in (xsub, xpub):
+            sock.close(linger=0)
+        if gate is not None:
+            gate.stop()
+        rt.close()
+        raise
+    # before the proxy thread owns the sockets (a socket is not for two threads at once)
+    monitors = {role: sock.get_monitor_socket(HANDSHAKE_FAILED)
+                for sock, (_, role) in zip((xsub, xpub), BOUND, strict=True)}
+    for role in monitors:
+        rt.counters[f"handshakes_failed.{role}"] = 0
     control_addr = f"inproc://broker-control-{id(rt)}"
     control = rt.ctx.socket(zmq.PAIR)
     control.bind(control_addr)
@@ -52,14 +71,37 @@ def run(cfg: Config) -> int:
 
     thread = threading.Thread(target=proxy, name="proxy", daemon=True)
     thread.start()
-    log.info("broker up: publishers -> %s, subscribers -> %s", cfg.broker["xsub_bind"],
-             cfg.broker["xpub_bind"])
-    while not rt.stopping.wait(0.2):
+    log.info("broker up: publishers -> %s, subscribers -> %s (CURVE %s)", cfg.broker["xsub_bind"],
+             cfg.broker["xpub_bind"], "on" if gate else "off")
+    poller = zmq.Poller()
+    for mon in monitors.values():
+        poller.register(mon, zmq.POLLIN)
+    while not rt.stopping.is_set():
+        for mon, _ in poller.poll(200):
+            role = next(r for r, m in monitors.items() if m is mon)
+            recv_monitor_message(mon)
+            rt.counters[f"handshakes_failed.{role}"] += 1
         rt.tick()  # heartbeat file, and stats through the bus like any service
     control.send(b"TERMINATE")
     thread.join(timeout=5)
-    for sock in (control, xsub, xpub):
+    for sock in (xsub, xpub):
+        sock.disable_monitor()
+    for sock in (*monitors.values(), control, xsub, xpub):
         sock.close(linger=0)
+    if gate is not None:
+        gate.stop()
     rt.close()
     log.info("broker stopped")
     return 0
+
+
+def bind(sock: zmq.Socket, cfg: Config, key: str, role: str) -> None:
+    secure_bind(sock, cfg, role)
+    try:
+        sock.bind(cfg.broker[key])
+    except zmq.ZMQError as exc:
+        where = tcp_endpoint(cfg.broker[key])
+        if where is None:
+            raise CannotStart(
+                f"broker cannot bind {cfg.broker[key]} (broker.{key}): {exc}") from exc
+        raise CannotStart(broker_port(key, *where).explain(str(exc))) from exc

@@ -3,6 +3,13 @@
 The broker binds an XSUB socket (publishers connect) and an XPUB socket (subscribers connect);
 every service connects to those two endpoints. Publishers use XPUB sockets so they *see*
 subscriptions arriving through the broker and can hold data until someone listens for it.
+
+Every socket goes through one of two calls before it binds or connects: ``secure_bind`` for a
+socket the broker binds, ``secure_connect`` for a client socket. Each names the *role* the
+client's key needs on that socket (``shared.auth.ROLES``: publish, subscribe, pull). With
+``bus.curve`` off (the default) both do nothing; with it on, the bound socket is a CURVE server
+that lets in only keys allowed that role (the broker's ZAP handler, ``shared.auth``), and the
+client socket a CURVE client with this process's key pair.
 """
 
 from __future__ import annotations
@@ -14,21 +21,62 @@ from typing import Any
 
 import zmq
 
-from shared import messages
+from shared import auth, messages
+from shared.config import Config
 
 log = logging.getLogger(__name__)
 LINGER_MS = 2000
 
 
-class Publisher:
-    """Sends ``[topic, body]`` with a per-topic sequence number; tracks live subscriptions."""
+def secure_bind(sock: zmq.Socket, cfg: Config, role: str) -> None:
+    """Before ``sock.bind``: with ``bus.curve`` on, only clients whose key is allowed ``role``
+    get through (the binding process must run ``shared.auth.start_authenticator``)."""
+    if not cfg.bus["curve"]:
+        return
+    folder = auth.allowed_dir(cfg, role)
+    if not folder.is_dir():
+        raise auth.KeyProblem(f"bus.allowed_keys_dir: no folder {folder} for the keys allowed "
+                              f"to {role} (make it with `wattflow keys`)")
+    sock.curve_publickey, sock.curve_secretkey = auth.key_pair(cfg, "broker_key_pair")
+    sock.curve_server = True
+    sock.zap_domain = role.encode()
+    sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)  # no ZAP handler answering: nobody gets in
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, src: str, hwm: int = 10000):
+
+def secure_connect(sock: zmq.Socket, cfg: Config, role: str) -> None:
+    """Before ``sock.connect``: with ``bus.curve`` on, talk CURVE to the broker with this
+    process's key pair (which the broker must allow ``role``)."""
+    if role not in auth.ROLES:
+        raise ValueError(f"unknown role {role!r}")
+    if not cfg.bus["curve"]:
+        return
+    sock.curve_serverkey = auth.public_key(cfg, "broker_public_key")
+    sock.curve_publickey, sock.curve_secretkey = auth.key_pair(cfg, "client_key_pair")
+
+
+def _or_close(sock: zmq.Socket, setup, *args) -> None:
+    """Run ``setup(sock, *args)``; if it fails, close the socket (else ``ctx.term`` would wait
+    for it forever) and let the error go on."""
+    try:
+        setup(sock, *args)
+    except BaseException:
+        sock.close(linger=0)
+        raise
+
+
+class Publisher:
+    """Sends ``[topic, body]`` with a per-topic sequence number; tracks live subscriptions.
+    With ``cfg``, the socket goes through ``secure_connect`` (role ``publish``)."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, src: str, hwm: int = 10000,
+                 cfg: Config | None = None):
         self.src = src
         self.sock = ctx.socket(zmq.XPUB)
         self.sock.setsockopt(zmq.SNDHWM, hwm)
         self.sock.setsockopt(zmq.LINGER, LINGER_MS)
         self.sock.setsockopt(zmq.XPUB_NODROP, 1)  # a full queue refuses (EAGAIN), never drops
+        if cfg is not None:
+            _or_close(self.sock, secure_connect, cfg, "publish")
         self.sock.connect(endpoint)
         self.seq: dict[bytes, int] = defaultdict(int)
         self.subscribed: set[bytes] = set()
@@ -72,14 +120,18 @@ class Publisher:
 
 
 class Subscriber:
-    """Receives and decodes messages; counts sequence gaps per (sender, topic)."""
+    """Receives and decodes messages; counts sequence gaps per (sender, topic).
+    With ``cfg``, the socket goes through ``secure_connect`` (role ``subscribe``)."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, topics: list[bytes], hwm: int = 10000):
+    def __init__(self, ctx: zmq.Context, endpoint: str, topics: list[bytes], hwm: int = 10000,
+                 cfg: Config | None = None):
         self.sock = ctx.socket(zmq.SUB)
         self.sock.setsockopt(zmq.RCVHWM, hwm)
         self.sock.setsockopt(zmq.LINGER, 0)
         for topic in topics:
             self.sock.setsockopt(zmq.SUBSCRIBE, topic)
+        if cfg is not None:
+            _or_close(self.sock, secure_connect, cfg, "subscribe")
         self.sock.connect(endpoint)
         self.last_seq: dict[tuple[str, bytes], int] = {}
         self.gaps = 0  # messages missed between two that arrived

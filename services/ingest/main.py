@@ -21,6 +21,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from services.ingest.allow import refuse_source
 from services.ingest.journal import Journal
 from shared import parsing, topics
 from shared.config import Config
@@ -78,6 +79,10 @@ class Ingest:
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = "{}:{}".format(*writer.get_extra_info("peername")[:2])
+        if refuse_source(self.cfg["allow"], writer.get_extra_info("peername")[0],
+                         self.rt.counters):  # ingest.allow: not from a meters' network
+            writer.close()
+            return
         sock = writer.get_extra_info("socket")
         if self.connections >= self.cfg["max_connections"]:
             log.warning("refusing %s: already %d connections", peer, self.connections)

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 import zmq
 
-from shared import topics
+from shared import config, topics
 from shared.bus import Subscriber
 from shared.messages import Message
 
@@ -68,6 +68,8 @@ class Stack:
                 self.config[section] = values
         self.config_path = tmp / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(self.config))
+        # the test's own bus clients use the stack's config (its CURVE keys when curve is on)
+        self.cfg = config.load(self.config_path)
         self.procs: dict[str, subprocess.Popen] = {}
         self.ctx = zmq.Context()
         self.subs: list[Subscriber] = []
@@ -121,7 +123,7 @@ class Stack:
                                                     cwd=self.tmp)
 
     def subscribe(self, *wanted: bytes) -> Subscriber:
-        sub = Subscriber(self.ctx, self.config["bus"]["subscribe"], list(wanted))
+        sub = Subscriber(self.ctx, self.config["bus"]["subscribe"], list(wanted), cfg=self.cfg)
         self.subs.append(sub)
         return sub
 
