@@ -100,15 +100,16 @@ def honest(port: int, conns: int, rate: float, seconds: float, t0_us: int) -> di
             begin = time.perf_counter()
             for k, end in enumerate(ends[i]):
                 due = begin + k * 0.01
-                if due > time.perf_counter():
-                    time.sleep(due - time.perf_counter())
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
                 sock.sendall(view[pos:end])
                 now = time.perf_counter()
                 done[i].append((now, payloads[i].count(b"\n", pos, end), now - due))
                 pos = end
             sock.shutdown(socket.SHUT_WR)
             sock.recv(1)  # ingest closes once it has read everything
-        except OSError as exc:
+        except Exception as exc:  # any failure shows in the report (and fails the run)
             errors.append(exc)
         finally:
             sock.close()
@@ -319,10 +320,15 @@ class Hostile:
 
 # ---- the run --------------------------------------------------------------------------------
 
+CHILDREN: list[subprocess.Popen] = []
+
+
 def child(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "bench.hostile", *args],
+    proc = subprocess.Popen([sys.executable, "-m", "bench.hostile", *args],
                             stdout=subprocess.PIPE, stdin=subprocess.PIPE, cwd=ROOT,
                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    CHILDREN.append(proc)
+    return proc
 
 
 def meters_connected(proc: subprocess.Popen) -> subprocess.Popen:
@@ -479,6 +485,10 @@ def run(a: argparse.Namespace) -> dict:
         report["down"] = watch.down
         report["ok"] = all(report["checks"].values())
     finally:
+        for proc in CHILDREN:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         stack.close()
         if report.get("ok") and not a.keep:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -556,6 +566,11 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     # the harness's own stats subscriber sees the garbage too: its drops are expected here
     logging.getLogger("shared.bus").setLevel(logging.ERROR)
+
+    def stop(_signum, _frame):  # SIGTERM like Ctrl-C: the stack and the children are stopped
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     report = run(a)
     print(summary(report))
     if a.json:
