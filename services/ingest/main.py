@@ -305,7 +305,9 @@ class Ingest:
         self.pump()
         oldest = 0.0
         if self.unacked:
-            oldest = time.time() - float(self.unacked[next(iter(self.unacked))][0]["t_recv"][0])
+            t_recv = self.unacked[next(iter(self.unacked))][0]["t_recv"]
+            if len(t_recv):  # (empty in a batch of nothing but over-long lines)
+                oldest = time.time() - float(t_recv[0])
         self.rt.gauges.update(connections=self.connections, pending_lines=self.pending_lines,
                               reading_paused=not self.room.is_set(),
                               unacked_batches=len(self.unacked), unacked_lines=self.unacked_lines,
