@@ -14,13 +14,11 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from shared import auth
-from shared.bus import secure_bind
+from shared.bus import HANDSHAKE_FAILED, secure_bind
 from shared.config import Config
 from shared.service import CannotStart, Runtime, broker_port, tcp_endpoint
 
 log = logging.getLogger("broker")
-HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                    | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 # the sockets the broker binds: config key, and the role a client's key needs there
 BOUND = (("xsub_bind", "publish"), ("xpub_bind", "subscribe"))
 

@@ -219,7 +219,6 @@ def cmd_health(cfg, args) -> int:
     return 0
 
 
-
 def cmd_keys(cfg, args) -> int:
     from shared import auth
 

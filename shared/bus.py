@@ -15,11 +15,13 @@ client socket a CURVE client with this process's key pair.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import defaultdict
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from shared import auth, messages
 from shared.config import Config
@@ -52,6 +54,43 @@ def secure_connect(sock: zmq.Socket, cfg: Config, role: str) -> None:
         return
     sock.curve_serverkey = auth.public_key(cfg, "broker_public_key")
     sock.curve_publickey, sock.curve_secretkey = auth.key_pair(cfg, "client_key_pair")
+    _say_when_refused(sock, cfg, role)
+
+
+HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+
+def _say_when_refused(sock: zmq.Socket, cfg: Config, role: str) -> None:
+    """Log (once per socket) when the broker turns this client away: otherwise a key it does
+    not allow would just mean silence. A thread reads the socket's monitor (a socket of its
+    own) until the socket closes."""
+    mon = sock.get_monitor_socket(HANDSHAKE_FAILED | zmq.EVENT_MONITOR_STOPPED)
+
+    def watch() -> None:
+        try:
+            while True:
+                event = recv_monitor_message(mon)
+                if event["event"] == zmq.EVENT_MONITOR_STOPPED:
+                    return
+                where = event["endpoint"].decode(errors="replace")
+                if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                    log.error("the broker at %s refused our key for %s: put the public key of "
+                              "%s into its allowed/%s/", where, role,
+                              auth.key_path(cfg, "client_key_pair"), auth.ROLES[role])
+                else:
+                    log.error("CURVE handshake with the broker at %s failed (%s): is %s its "
+                              "public key, and CURVE on there?", where, role,
+                              auth.key_path(cfg, "broker_public_key"))
+                break
+            while recv_monitor_message(mon)["event"] != zmq.EVENT_MONITOR_STOPPED:
+                pass  # said once; wait for the socket to close
+        except zmq.ZMQError:  # the context is ending
+            pass
+        finally:
+            mon.close(linger=0)
+
+    threading.Thread(target=watch, name=f"bus-{role}-monitor", daemon=True).start()
 
 
 def _or_close(sock: zmq.Socket, setup, *args) -> None:

@@ -7,8 +7,10 @@ source allow-list refuses, counts and logs once."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -177,6 +179,14 @@ def test_tap_and_status_use_their_key(curve_stack, tmp_path):
     tap = subprocess.run(stack.wattflow("tap", "stats", "--count", "1", "--timeout", "20"),
                          env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert tap.returncode == 0 and '"topic": "stats"' in tap.stdout, tap.stderr
+    # with a key the broker does not know: nothing, and the client says why
+    stranger = subprocess.run(
+        stack.wattflow("tap", "stats", "--timeout", "5"), capture_output=True, text=True,
+        timeout=60, cwd=tmp_path, env=dict(stack.env, WATTFLOW_BUS_CLIENT_KEY_PAIR=str(
+            stack.tmp / "stranger" / "stranger.key_secret")))
+    assert stranger.returncode == 0 and stranger.stdout == "", stranger.stdout
+    assert "refused our key for subscribe" in stranger.stderr, stranger.stderr
+    assert "stranger.key_secret into its allowed/subscribers/" in stranger.stderr
     # without a key: nothing (status says so and exits 1)
     plain = subprocess.run(stack.wattflow("status", "--wait", "2"), capture_output=True,
                            text=True, timeout=60, cwd=tmp_path,
@@ -265,3 +275,60 @@ def test_ingest_refuses_sources_outside_its_allow_list(make_stack):
 def test_curve_off_by_default_and_zmq_has_curve():
     assert zmq.has("curve")
     assert config.DEFAULTS["bus"]["curve"] is False
+
+
+@contextlib.contextmanager
+def second_namespace():
+    """A network namespace joined to this one by a veth pair: 10.250.N.1 here, 10.250.N.2
+    there (a test host of our own); removed afterwards. Skips where namespaces cannot be
+    made (not root, no `ip`)."""
+    n = os.getpid() % 250
+    ns, here, there = f"wfsec{os.getpid()}", f"wfh{os.getpid()}", f"wfn{os.getpid()}"
+    if shutil.which("ip") is None:
+        pytest.skip("no `ip` command")
+    if subprocess.run(["ip", "netns", "add", ns], capture_output=True).returncode:
+        pytest.skip("cannot make a network namespace here")
+    try:
+        for cmd in (f"ip link add {here} type veth peer name {there}",
+                    f"ip link set {there} netns {ns}",
+                    f"ip addr add 10.250.{n}.1/30 dev {here}", f"ip link set {here} up",
+                    f"ip netns exec {ns} ip addr add 10.250.{n}.2/30 dev {there}",
+                    f"ip netns exec {ns} ip link set {there} up",
+                    f"ip netns exec {ns} ip link set lo up"):
+            subprocess.run(cmd.split(), check=True, capture_output=True)
+        yield ns, f"10.250.{n}.1"
+    finally:
+        subprocess.run(["ip", "link", "del", here], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def reach_from(ns: str, host: str, port: int) -> str:
+    code = ("import socket, sys\n"
+            "try:\n"
+            f"    socket.create_connection(({host!r}, {port}), timeout=3).close(); print('open')\n"
+            "except OSError as exc:\n"
+            "    print(type(exc).__name__)\n")
+    out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code],
+                         capture_output=True, text=True, timeout=30)
+    return out.stdout.strip() or out.stderr.strip()
+
+
+def test_from_another_network_namespace_the_default_bus_is_unreachable(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    defaults = config.load(env={})
+    with second_namespace() as (ns, host_address):
+        pub, sub = free_port(), free_port()
+        stack = Stack(tmp_path, {
+            "bus": {"publish": f"tcp://127.0.0.1:{pub}", "subscribe": f"tcp://127.0.0.1:{sub}"},
+            "broker": {"xsub_bind": defaults.broker["xsub_bind"].rsplit(":", 1)[0] + f":{pub}",
+                       "xpub_bind": defaults.broker["xpub_bind"].rsplit(":", 1)[0] + f":{sub}"},
+            # the control: a port bound where the other namespace can reach it
+            "ingest": {"host": host_address}})
+        try:
+            stack.start()
+            stack.wait_ready()
+            assert reach_from(ns, host_address, stack.port) == "open"
+            assert reach_from(ns, host_address, pub) == "ConnectionRefusedError"
+            assert reach_from(ns, host_address, sub) == "ConnectionRefusedError"
+        finally:
+            stack.close()
