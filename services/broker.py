@@ -1,4 +1,12 @@
-"""The bus broker, the one stable point: XSUB (publishers connect), XPUB (subscribers connect)."""
+"""The bus broker, the one stable point: XSUB (publishers connect) and XPUB (subscribers
+connect) for pub/sub, and a work queue: PULL (senders of numbered batches push into it) and
+PUSH (storage replicas pull from it, one batch each).
+
+With ``bus.curve`` on it also runs the ZAP authenticator (shared/auth.py): the XSUB and the
+work queue's PULL let in only keys allowed to publish, the XPUB only keys allowed to subscribe,
+the work queue's PUSH only keys allowed to pull. Failed handshakes on any of them (no CURVE, a
+wrong server key, a refused key, or bytes that are not ZeroMQ at all) are counted.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +15,23 @@ import threading
 import time
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
-from shared import topics
-from shared.bus import Subscriber
+from shared import auth, topics
+from shared.bus import HANDSHAKE_FAILED, Subscriber, secure_bind
 from shared.config import Config
 from shared.service import CannotStart, Runtime, broker_port, tcp_endpoint
 
 log = logging.getLogger("broker")
+# the sockets the broker binds: config key, socket type, and the role a client's key needs
+BOUND = (("xsub_bind", zmq.XSUB, "publish"), ("xpub_bind", zmq.XPUB, "subscribe"),
+         ("work_in_bind", zmq.PULL, "publish"), ("work_out_bind", zmq.PUSH, "pull"))
 
 
 def run(cfg: Config) -> int:
     rt = Runtime("broker", cfg)
     rt.install_signals()
-    xsub, xpub = rt.ctx.socket(zmq.XSUB), rt.ctx.socket(zmq.XPUB)
-    pull, push = rt.ctx.socket(zmq.PULL), rt.ctx.socket(zmq.PUSH)
-    sockets = {"xsub_bind": xsub, "xpub_bind": xpub, "work_in_bind": pull,
-               "work_out_bind": push}
+    sockets = {key: rt.ctx.socket(kind) for key, kind, _ in BOUND}
     # A subscriber whose queue is full (hwm batches behind) loses messages here rather than
     # stalling every other subscriber: a slow `wattflow tap` must not stop the pipeline. The
     # batches that must arrive travel on the work queue instead (PULL from their senders,
@@ -32,24 +41,39 @@ def run(cfg: Config) -> int:
         sock.setsockopt(zmq.SNDHWM, cfg.bus["hwm"])
         sock.setsockopt(zmq.RCVHWM, cfg.bus["hwm"])
         sock.setsockopt(zmq.LINGER, 0)
-    for key, sock in sockets.items():
-        try:
-            sock.bind(cfg.broker[key])
-        except zmq.ZMQError as exc:
-            for s in sockets.values():
-                s.close(linger=0)
-            rt.close()
-            where = tcp_endpoint(cfg.broker[key])
-            if where is None:
-                raise CannotStart(
-                    f"broker cannot bind {cfg.broker[key]} (broker.{key}): {exc}") from exc
-            raise CannotStart(broker_port(key, *where).explain(str(exc))) from exc
-    proxies = [_start_proxy(rt, xsub, xpub, "pubsub"), _start_proxy(rt, pull, push, "work")]
+    gate = None
+    try:
+        gate = auth.start_authenticator(rt.ctx, cfg, rt.counters)  # before anyone can connect
+        for key, _, role in BOUND:
+            bind(sockets[key], cfg, key, role)
+        rt.publisher()  # our stats go through the bus too: a missing client key shows now
+    except (CannotStart, auth.KeyProblem):
+        for sock in sockets.values():
+            sock.close(linger=0)
+        if gate is not None:
+            gate.stop()
+        rt.close()
+        raise
+    # before the proxy threads own the sockets (a socket is not for two threads at once)
+    monitors = {key: (role, sockets[key].get_monitor_socket(HANDSHAKE_FAILED))
+                for key, _, role in BOUND}
+    for role, _ in monitors.values():
+        rt.counters[f"handshakes_failed.{role}"] = 0
+    proxies = [_start_proxy(rt, sockets["xsub_bind"], sockets["xpub_bind"], "pubsub"),
+               _start_proxy(rt, sockets["work_in_bind"], sockets["work_out_bind"], "work")]
     log.info("broker up: publishers -> %s, subscribers -> %s; work queue: senders -> %s, "
-             "storage replicas -> %s", cfg.broker["xsub_bind"], cfg.broker["xpub_bind"],
-             cfg.broker["work_in_bind"], cfg.broker["work_out_bind"])
+             "storage replicas -> %s (CURVE %s)", cfg.broker["xsub_bind"],
+             cfg.broker["xpub_bind"], cfg.broker["work_in_bind"], cfg.broker["work_out_bind"],
+             "on" if gate else "off")
     roster = Roster(rt)
-    while not rt.stopping.wait(0.2):
+    poller = zmq.Poller()
+    for _, mon in monitors.values():
+        poller.register(mon, zmq.POLLIN)
+    while not rt.stopping.is_set():
+        for mon, _ in poller.poll(200):
+            role = next(r for r, m in monitors.values() if m is mon)
+            recv_monitor_message(mon)
+            rt.counters[f"handshakes_failed.{role}"] += 1
         roster.update()
         rt.tick()  # heartbeat file, and stats through the bus like any service
     roster.close()
@@ -58,10 +82,26 @@ def run(cfg: Config) -> int:
         thread.join(timeout=5)
         control.close(linger=0)
     for sock in sockets.values():
+        sock.disable_monitor()
+    for sock in (*(m for _, m in monitors.values()), *sockets.values()):
         sock.close(linger=0)
+    if gate is not None:
+        gate.stop()
     rt.close()
     log.info("broker stopped")
     return 0
+
+
+def bind(sock: zmq.Socket, cfg: Config, key: str, role: str) -> None:
+    secure_bind(sock, cfg, role)
+    try:
+        sock.bind(cfg.broker[key])
+    except zmq.ZMQError as exc:
+        where = tcp_endpoint(cfg.broker[key])
+        if where is None:
+            raise CannotStart(
+                f"broker cannot bind {cfg.broker[key]} (broker.{key}): {exc}") from exc
+        raise CannotStart(broker_port(key, *where).explain(str(exc))) from exc
 
 
 def _start_proxy(rt: Runtime, front: zmq.Socket, back: zmq.Socket, name: str):
@@ -89,13 +129,14 @@ class Roster:
     """Every service instance that reports on ``stats``, and when it last did: published in the
     broker's own stats (gauge ``members``), so a one-shot ``wattflow status`` can name a replica
     that stopped reporting (killed, hung) and not only the ones it hears. An instance that
-    stops in order says so in its last stats and leaves the roster."""
+    stopped in order says so in its last stats and leaves the roster; one that just went quiet
+    (killed, hung, cut off) is named for two minutes."""
 
-    FORGET_S = 120.0  # a silent instance is named this long, then forgotten
+    FORGET_S = 120.0
 
     def __init__(self, rt: Runtime):
         self.rt = rt
-        self.sub = Subscriber(rt.ctx, rt.cfg.bus["subscribe"], [topics.STATS])
+        self.sub = Subscriber(rt.ctx, rt.cfg.bus["subscribe"], [topics.STATS], cfg=rt.cfg)
         self.seen: dict[str, tuple[str, float]] = {}  # instance -> (service, last seen)
 
     def update(self) -> None:

@@ -1,4 +1,5 @@
-"""The ``wattflow`` command: one subcommand per service, plus up, simulate, tap, status, health."""
+"""The ``wattflow`` command: one subcommand per service, plus up, simulate, tap, status, health,
+keys."""
 
 from __future__ import annotations
 
@@ -104,6 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(for container health checks).")
     health.add_argument("service", choices=SERVICES)
     health.add_argument("--max-age", type=float, default=5.0, help="seconds (default 5)")
+    keys = sub.add_parser(
+        "keys", parents=[common], help="make CURVE key pairs for the bus",
+        description="Make CURVE key pairs (NAME.key public, NAME.key_secret mode 0600) in "
+                    "bus.keys_dir (or --dir) and allow each public key its roles by copying it "
+                    "into allowed/<role folder>/. Without NAME: the broker's pair, 'client' "
+                    "(the services: publish, subscribe, pull) and 'reader' (subscribe only, "
+                    "for tap and status on other hosts). Never overwrites a file.")
+    keys.add_argument("names", nargs="*", metavar="NAME", help="key pairs to make")
+    keys.add_argument("--dir", help="where (default: bus.keys_dir of the config)")
+    keys.add_argument("--allow", nargs="+", default=["subscribe"], metavar="ROLE",
+                      help="roles of the NAMEs' keys: publish, subscribe, pull "
+                           "(default: subscribe)")
     return parser
 
 
@@ -119,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("config: %s", cfg.source)
         try:
             return _service(args.command)(cfg)
-        except CannotStart as exc:
+        except (CannotStart, config_mod.ConfigError) as exc:  # e.g. a CURVE key file missing
             log.error("%s", exc)
             return EXIT_CANNOT_START
         except OSError as exc:
@@ -127,8 +140,12 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     if args.command == "power" and getattr(args, "power_command", None) == "recompute":
         return cmd_recompute(cfg, args)
-    return {"up": cmd_up, "simulate": cmd_simulate, "tap": cmd_tap, "status": cmd_status,
-            "health": cmd_health}[args.command](cfg, args)
+    try:
+        return {"up": cmd_up, "simulate": cmd_simulate, "tap": cmd_tap, "status": cmd_status,
+                "health": cmd_health, "keys": cmd_keys}[args.command](cfg, args)
+    except config_mod.ConfigError as exc:
+        print(f"wattflow: bad config: {exc}", file=sys.stderr)
+        return 2
 
 
 def _sigterm_like_ctrl_c() -> None:
@@ -177,7 +194,12 @@ def cmd_tap(cfg, args) -> int:
 
     _sigterm_like_ctrl_c()
     ctx = zmq.Context()
-    sub = Subscriber(ctx, cfg.bus["subscribe"], [topics.BY_NAME[t] for t in args.topics])
+    try:
+        sub = Subscriber(ctx, cfg.bus["subscribe"], [topics.BY_NAME[t] for t in args.topics],
+                         cfg=cfg)
+    except BaseException:
+        ctx.term()
+        raise
     deadline = time.monotonic() + args.timeout if args.timeout else None
     seen = 0
     out = sys.stdout
@@ -250,3 +272,35 @@ def cmd_health(cfg, args) -> int:
     print(f"{args.service}: alive (heartbeat {age:.1f}s ago)")
     return 0
 
+
+def cmd_keys(cfg, args) -> int:
+    from shared import auth
+
+    where = Path(args.dir or cfg.bus["keys_dir"])
+    if args.names:
+        wanted = [(name, args.allow) for name in args.names]
+    else:
+        wanted = [("broker", []), ("client", ["publish", "subscribe", "pull"]),
+                  ("reader", ["subscribe"])]
+    for name, roles in wanted:
+        try:
+            public, secret = auth.make_keys(where, name, roles)
+        except (FileExistsError, ValueError, OSError) as exc:
+            print(f"wattflow keys: {exc}", file=sys.stderr)
+            return 1
+        allowed = f"allowed to {', '.join(roles)}" if roles else "the broker's own pair"
+        print(f"{secret} (secret, 0600) and {public}: {allowed}")
+    print(f"""
+Switch CURVE on with bus.curve: true (or WATTFLOW_BUS_CURVE=true) everywhere, then:
+  the broker's host needs   {where}/broker.key_secret (bus.broker_key_pair), and
+                            {where}/allowed/ (bus.allowed_keys_dir): one folder per role
+                            ({', '.join(f'{f}/ = {r}' for r, f in auth.ROLES.items())})
+  every client needs        {where}/broker.key (bus.broker_public_key) and its own
+                            *.key_secret as bus.client_key_pair (default client.key_secret;
+                            tap/status on another host: reader.key_secret, e.g. with
+                            WATTFLOW_BUS_CLIENT_KEY_PAIR=reader.key_secret)
+Secret files stay on their host (copy them over a trusted channel). To allow another key, put
+its .key file into the role folders on the broker's host (read again at the next connection);
+to revoke one, delete it there (connections it already has open last until they close: restart
+the broker to cut them).""")
+    return 0

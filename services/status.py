@@ -17,7 +17,11 @@ EXPECTED = ("ingest", "storage", "power", "plotter")
 
 def collect(cfg: Config, wait_s: float) -> dict[str, dict]:
     ctx = zmq.Context()
-    sub = Subscriber(ctx, cfg.bus["subscribe"], [topics.STATS])
+    try:
+        sub = Subscriber(ctx, cfg.bus["subscribe"], [topics.STATS], cfg=cfg)
+    except BaseException:
+        ctx.term()
+        raise
     latest: dict[str, dict] = {}
     deadline = time.monotonic() + wait_s
     try:

@@ -12,6 +12,7 @@ message naming the key (``ConfigError: ingest.port: expected an integer 1..65535
 from __future__ import annotations
 
 import copy
+import ipaddress
 import math
 import os
 from dataclasses import dataclass, field
@@ -35,11 +36,24 @@ DEFAULTS: dict[str, Any] = {
     "meters": DEFAULT_METERS,
     "meters_file": None,
     "circuits": None,
-    "bus": {"publish": "tcp://127.0.0.1:5550", "subscribe": "tcp://127.0.0.1:5551",
-            "push": "tcp://127.0.0.1:5552", "pull": "tcp://127.0.0.1:5553", "hwm": 10000,
-            "pull_hwm": 20},
-    "broker": {"xsub_bind": "tcp://*:5550", "xpub_bind": "tcp://*:5551",
-               "work_in_bind": "tcp://*:5552", "work_out_bind": "tcp://*:5553"},
+    "bus": {
+        "publish": "tcp://127.0.0.1:5550",
+        "subscribe": "tcp://127.0.0.1:5551",
+        "push": "tcp://127.0.0.1:5552",  # the work queue: numbered batches in (ingest, power)
+        "pull": "tcp://127.0.0.1:5553",  # ... and out, one storage replica each
+        "hwm": 10000,
+        "pull_hwm": 20,  # batches waiting at one storage replica (the rest wait at the broker)
+        # CURVE encryption and authentication on every bus socket (shared/auth.py)
+        "curve": False,
+        "keys_dir": "keys",  # the key paths below are relative to it (unless absolute)
+        "broker_public_key": "broker.key",  # every client: whom it talks to
+        "broker_key_pair": "broker.key_secret",  # the broker only
+        "client_key_pair": "client.key_secret",  # every service, tap and status
+        "allowed_keys_dir": "allowed",  # the broker only: <role folder>/*.key per role
+    },
+    # loopback unless configured otherwise: the bus is not for other hosts by default
+    "broker": {"xsub_bind": "tcp://127.0.0.1:5550", "xpub_bind": "tcp://127.0.0.1:5551",
+               "work_in_bind": "tcp://127.0.0.1:5552", "work_out_bind": "tcp://127.0.0.1:5553"},
     "ingest": {
         "host": "0.0.0.0",
         "port": 44444,
@@ -56,6 +70,7 @@ DEFAULTS: dict[str, Any] = {
         "reuse_port": True,
         "unjournaled_kb": 512,
         "unjournaled_kb_per_connection": 64,
+        "allow": [],  # networks (CIDR) meters may connect from; empty: any
     },
     "storage": {
         "url": None,
@@ -334,6 +349,11 @@ _POSITIVE = {
 _STRINGS = {
     ("bus", "publish"),
     ("bus", "subscribe"),
+    ("bus", "keys_dir"),
+    ("bus", "broker_public_key"),
+    ("bus", "broker_key_pair"),
+    ("bus", "client_key_pair"),
+    ("bus", "allowed_keys_dir"),
     ("broker", "xsub_bind"),
     ("broker", "xpub_bind"),
     ("broker", "work_in_bind"),
@@ -347,6 +367,22 @@ _STRINGS = {
     ("runtime", "run_dir"),
     ("runtime", "log_level"),
 }
+
+
+def _networks(items: Any, key: str) -> list[str]:
+    """A list of networks (``10.0.0.0/8``, ``192.168.1.7``, ``fd00::/8``), checked, as text."""
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise ConfigError(f"{key}: expected a list of networks such as [10.0.0.0/8], got {items!r}")
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(str(ipaddress.ip_network(str(item).strip(), strict=False)))
+        except ValueError:
+            raise ConfigError(f"{key}[{i}]: expected a network such as 10.0.0.0/8 or "
+                              f"192.168.1.7, got {item!r}") from None
+    return out
 
 
 def _check_sections(raw: dict[str, Any]) -> None:
@@ -382,10 +418,12 @@ def _check_sections(raw: dict[str, Any]) -> None:
             raise ConfigError(f"storage.retention.{key}: expected days >= 0 (0: keep forever), "
                               f"got {value!r}")
         raw["storage"]["retention"][key] = days
-    for key in ("journal_fsync", "reuse_port"):
-        if not isinstance(raw["ingest"][key], bool):
-            value = raw["ingest"][key]
-            raise ConfigError(f"ingest.{key}: expected true or false, got {value!r}")
+    for section, key in (("ingest", "journal_fsync"), ("ingest", "reuse_port"),
+                         ("bus", "curve")):
+        value = raw[section][key]
+        if not isinstance(value, bool):
+            raise ConfigError(f"{section}.{key}: expected true or false, got {value!r}")
+    raw["ingest"]["allow"] = _networks(raw["ingest"]["allow"], "ingest.allow")
     level = raw["runtime"]["log_level"].upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"runtime.log_level: expected DEBUG, INFO, WARNING or ERROR, got {level}")

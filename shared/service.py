@@ -133,14 +133,16 @@ class Runtime:
         signal.signal(signal.SIGINT, handle)
 
     def publisher(self) -> Publisher:
-        pub = Publisher(self.ctx, self.cfg.bus["publish"], self.src, self.cfg.bus["hwm"])
+        pub = Publisher(self.ctx, self.cfg.bus["publish"], self.src, self.cfg.bus["hwm"],
+                        cfg=self.cfg)
         self._sockets.append(pub)
         if self._stats_pub is None:
             self._stats_pub = pub
         return pub
 
     def subscriber(self, wanted: list[bytes]) -> Subscriber:
-        sub = Subscriber(self.ctx, self.cfg.bus["subscribe"], wanted, self.cfg.bus["hwm"])
+        sub = Subscriber(self.ctx, self.cfg.bus["subscribe"], wanted, self.cfg.bus["hwm"],
+                         cfg=self.cfg)
         self._sockets.append(sub)
         return sub
 

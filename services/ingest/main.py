@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 
+from services.ingest.allow import refuse_source
 from services.ingest.framing import Framer
 from services.ingest.journal import Journal
 from shared import topics
@@ -64,7 +65,7 @@ class Connection(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = "{}:{}".format(*peer[:2]) if peer else "?"
-        if not self.ingest.admit(self):
+        if not self.ingest.admit(self, peer[0] if peer else ""):
             self.ended = True
             transport.abort()
             return
@@ -167,6 +168,7 @@ class Ingest:
         self.errors: dict[str, tuple[int, float]] = {}  # task -> (failures, last logged)
         self.next_sweep = 0.0
         self.unjournaled_peak = 0
+        self.refusals_logged = 0.0
 
     def _outbox(self, journal: Journal) -> Outbox:
         def send(seq: int, data: dict) -> bool:
@@ -205,10 +207,17 @@ class Ingest:
 
     # ---- connections -----------------------------------------------------------------------
 
-    def admit(self, conn: Connection) -> bool:
+    def admit(self, conn: Connection, host: str) -> bool:
+        if refuse_source(self.cfg["allow"], host, self.rt.counters):  # not a meters' network
+            return False
         if len(self.open) >= self.cfg["max_connections"]:
-            log.warning("refusing %s: already %d connections", conn.peer, len(self.open))
             self.rt.counters["connections_refused"] += 1
+            now = time.monotonic()
+            if now - self.refusals_logged >= ERROR_LOG_EVERY_S:  # a flood: one line a while
+                log.warning("refusing %s: already %d connections (ingest.max_connections; %d "
+                            "refused so far)", conn.peer, len(self.open),
+                            self.rt.counters["connections_refused"])
+                self.refusals_logged = now
             return False
         self.open.add(conn)
         self.rt.counters["connections"] += 1

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 import zmq
 
-from shared import topics
+from shared import config, topics
 from shared.bus import Subscriber
 from shared.messages import Message
 
@@ -83,8 +83,10 @@ class Stack:
         self.by_instance: dict[str, dict] = {}  # instance id -> its latest stats message
 
     def rewrite_config(self) -> None:
-        """Write ``self.config`` (changed by a test) to the file every service reads."""
+        """Write ``self.config`` (changed by a test) to the file every service reads; the
+        test's own bus clients use it too (its CURVE keys when curve is on)."""
         self.config_path.write_text(yaml.safe_dump(self.config))
+        self.cfg = config.load(self.config_path)
 
     def stats(self) -> dict[str, dict]:
         """The latest stats of each service (reads what arrived since the last call)."""
@@ -145,7 +147,7 @@ class Stack:
         return {k: v for k, v in self.by_instance.items() if now - v["heard"] <= fresh_s}
 
     def subscribe(self, *wanted: bytes) -> Subscriber:
-        sub = Subscriber(self.ctx, self.config["bus"]["subscribe"], list(wanted))
+        sub = Subscriber(self.ctx, self.config["bus"]["subscribe"], list(wanted), cfg=self.cfg)
         self.subs.append(sub)
         return sub
 

@@ -118,3 +118,23 @@ def test_bad_meter_file_line_names_file_and_line(tmp_path):
     (tmp_path / "m.tsv").write_text("10.0.0.1\t0\t110\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"m.tsv:1"):
         load_yaml(tmp_path, "meters_file: m.tsv\n")
+
+
+def test_security_keys_defaults_and_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = config.load(env={})
+    assert cfg.broker["xsub_bind"] == "tcp://127.0.0.1:5550"
+    assert cfg.broker["xpub_bind"] == "tcp://127.0.0.1:5551"
+    assert cfg.bus["curve"] is False and cfg.ingest["allow"] == []
+    cfg = config.load(env={"WATTFLOW_BUS_CURVE": "true",
+                           "WATTFLOW_INGEST_ALLOW": "[10.0.0.0/8, 192.168.1.7, 'fd00::/8']"})
+    assert cfg.bus["curve"] is True
+    assert cfg.ingest["allow"] == ["10.0.0.0/8", "192.168.1.7/32", "fd00::/8"]
+    with pytest.raises(ConfigError, match=r"bus.curve: expected true or false, got 'yes please'"):
+        config.load(env={"WATTFLOW_BUS_CURVE": "yes please"})
+    with pytest.raises(ConfigError, match=r"ingest.allow\[1\]: expected a network"):
+        load_yaml(tmp_path, "ingest:\n  allow: [10.0.0.0/8, 10.0.0.300]\n")
+    with pytest.raises(ConfigError, match=r"ingest.allow: expected a list"):
+        load_yaml(tmp_path, "ingest:\n  allow: 10.0.0.0/8\n")
+    with pytest.raises(ConfigError, match=r"bus.client_key_pair: expected a non-empty string"):
+        load_yaml(tmp_path, "bus:\n  client_key_pair: ''\n")
