@@ -148,7 +148,8 @@ class Runtime:
 
     def pusher(self) -> Pusher:
         """Numbered batches into the work queue (one storage replica takes each)."""
-        push = Pusher(self.ctx, self.cfg.bus["push"], self.src, self.cfg.bus["hwm"])
+        push = Pusher(self.ctx, self.cfg.bus["push"], self.src, self.cfg.bus["hwm"],
+                      cfg=self.cfg)
         self._sockets.append(push)
         return push
 
@@ -156,7 +157,7 @@ class Runtime:
         """A share of the work queue's batches. Few wait here (``bus.pull_hwm``): the rest
         stay at the broker for other replicas, and a replica that dies takes few with it."""
         pull = Subscriber(self.ctx, self.cfg.bus["pull"], [], self.cfg.bus["pull_hwm"],
-                          pull=True)
+                          cfg=self.cfg, pull=True)
         self._sockets.append(pull)
         return pull
 

@@ -22,7 +22,7 @@ import pytest
 import zmq
 
 from shared import config, topics
-from shared.bus import Publisher, Subscriber
+from shared.bus import Publisher, Pusher, Subscriber
 from shared.parsing import to_us
 from tests.integration.stack import ROOT, Stack, free_port, wait_for
 
@@ -86,6 +86,11 @@ def readings_of(stack: Stack, year: int) -> int:
                        lo, hi)[0][0]
 
 
+def FORGED_ACK(ingest_id: str) -> dict:  # noqa: N802 (a constant's shape)
+    """An ack for the first thousand batches of an ingest stream."""
+    return {"source": [ingest_id] * 1000, "seq": list(range(1000))}
+
+
 def forged_raw(year: int) -> dict:
     data = lines(year, 5)
     return {"peer": ["forger:1"], "t_recv": np.array([0.0]), "data": [data], "base": 0}
@@ -134,32 +139,37 @@ def test_forged_raw_and_ack_from_strangers_change_nothing(curve_stack):
             stack, client_key_pair="reader.key_secret")
         for year, (name, cfg) in enumerate(forgers.items(), start=2031):
             forger = Publisher(stack.ctx, stack.config["bus"]["publish"], "forger", cfg=cfg)
+            pusher = Pusher(stack.ctx, stack.config["bus"]["push"], "forger", cfg=cfg)
             try:
                 before = refusals(stack, "publish")
 
-                def attack(forger=forger, year=year, before=before) -> bool:
-                    forger.send_seq(topics.ACK, 0, {"source": [ingest_id], "seq": [10**9]})
-                    forger.send_seq(topics.RAW, 0, forged_raw(year))
+                def attack(forger=forger, pusher=pusher, year=year, before=before) -> bool:
+                    forger.send_seq(topics.ACK, 0, FORGED_ACK(ingest_id))
+                    pusher.send_seq(topics.RAW, 0, forged_raw(year))  # into the work queue
                     return refusals(stack, "publish") >= before + 2
 
                 wait_for(attack, 20, f"the broker refusing the forger with {name}")
             finally:
                 forger.sock.close(linger=0)
+                pusher.sock.close(linger=0)
         assert stack.counters("broker")["auth_refused.publish"] >= 2  # the reader's key, by ZAP
         ingest = stack.stats()["ingest"]
         assert ingest["gauges"]["unacked_lines"] == 20, ingest
         assert ingest["counters"].get("lines_acked", 0) == 0, ingest
         # the same forgery with an allowed key does get through: ingest drops what it holds
         allowed = Publisher(stack.ctx, stack.config["bus"]["publish"], "forger", cfg=stack.cfg)
+        allowed_push = Pusher(stack.ctx, stack.config["bus"]["push"], "forger", cfg=stack.cfg)
         try:
+            allowed_push.send_seq(topics.RAW, 0, forged_raw(2040))
+
             def attack_allowed() -> bool:
-                allowed.send_seq(topics.ACK, 0, {"source": [ingest_id], "seq": [10**9]})
-                allowed.send_seq(topics.RAW, 0, forged_raw(2040))
+                allowed.send_seq(topics.ACK, 0, FORGED_ACK(ingest_id))
                 return stack.stats()["ingest"]["gauges"].get("unacked_lines") == 0
 
             wait_for(attack_allowed, 20, "a forged ack with an allowed key reaching ingest")
         finally:
             allowed.sock.close(linger=1000)
+            allowed_push.sock.close(linger=1000)
     finally:
         os.kill(stack.procs["storage"].pid, signal.SIGCONT)
     wait_for(lambda: readings_of(stack, 2040) == 5 and readings_of(stack, 2030) == 20, 30,
