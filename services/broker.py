@@ -37,9 +37,10 @@ def run(cfg: Config) -> int:
     # batches that must arrive travel on the work queue instead (PULL from their senders,
     # PUSH to one storage replica each), which waits when full and never drops; what a dying
     # replica held is sent again by its sender (no ack).
-    for sock in sockets.values():
-        sock.setsockopt(zmq.SNDHWM, cfg.bus["hwm"])
-        sock.setsockopt(zmq.RCVHWM, cfg.bus["hwm"])
+    for key, sock in sockets.items():
+        hwm = cfg.bus["work_hwm" if key.startswith("work") else "hwm"]
+        sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.RCVHWM, hwm)
         sock.setsockopt(zmq.LINGER, 0)
     gate = None
     try:

@@ -43,6 +43,8 @@ DEFAULTS: dict[str, Any] = {
         "pull": "tcp://127.0.0.1:5553",  # ... and out, one storage replica each
         "hwm": 10000,
         "pull_hwm": 20,  # batches waiting at one storage replica (the rest wait at the broker)
+        "work_hwm": 50,  # batches the work queue holds per socket: a short queue (a batch
+        # waiting longer than ingest.ack_timeout_s would be sent again)
         # CURVE encryption and authentication on every bus socket (shared/auth.py)
         "curve": False,
         "keys_dir": "keys",  # the key paths below are relative to it (unless absolute)
@@ -331,6 +333,7 @@ _INTS = {
     ("plotter", "max_points"): (10, 1_000_000),
     ("bus", "hwm"): (1, 10_000_000),
     ("bus", "pull_hwm"): (1, 10_000_000),
+    ("bus", "work_hwm"): (1, 10_000_000),
 }
 _POSITIVE = {
     ("ingest", "flush_ms"),

@@ -148,7 +148,7 @@ class Runtime:
 
     def pusher(self) -> Pusher:
         """Numbered batches into the work queue (one storage replica takes each)."""
-        push = Pusher(self.ctx, self.cfg.bus["push"], self.src, self.cfg.bus["hwm"],
+        push = Pusher(self.ctx, self.cfg.bus["push"], self.src, self.cfg.bus["work_hwm"],
                       cfg=self.cfg)
         self._sockets.append(push)
         return push

@@ -36,6 +36,7 @@ from shared.service import Runtime
 log = logging.getLogger("power")
 CATCHUP_CHUNK_US = 60_000_000  # readings of a circuit read from storage per catch-up step
 PEER_SILENT_S = 3.0  # a power replica not heard this long (in stats intervals) is gone
+MAX_UNACKED_BATCHES = 200  # power batches sent and not acked, at most; then power waits
 PENDING_BATCHES = 1000  # readings batches kept per meter waiting for its seeding, at most
 GAP_RESYNC_DELAY_S = 2.0  # after a gap: let storage commit what was published, then catch up
 
@@ -294,7 +295,12 @@ class Power:
                 self.outbox_min.pop(seq, None)
 
     def step(self, timeout_ms: int) -> int:
-        msgs = self.sub.recv_batch(timeout_ms, 100)
+        if len(self.outbox.entries) > MAX_UNACKED_BATCHES:  # storage is behind: wait for it
+            self.rt.counters["paused_for_storage"] += 1  # (readings left on the bus, or lost
+            msgs = []  # there as a gap, which a catch-up from storage answers later)
+            time.sleep(timeout_ms / 1000)
+        else:
+            msgs = self.sub.recv_batch(timeout_ms, 100)
         for msg in msgs:
             if msg.topic == topics.STATS:
                 self.heard(msg)

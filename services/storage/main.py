@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import threading
 import time
 
 import numpy as np
@@ -44,6 +45,7 @@ class Storage:
         self.pub = rt.publisher()
         self.batch_max = cfg["batch_max"]
         self.writer = Writer(self.db)
+        self.rollups = Rollups(self.db, self.writer, rt)
         # stream -> every batch numbered up to this one is in the database (a cache: the
         # database decides; this only spares parsing what is surely there)
         self.lows = self.db.low_marks()
@@ -217,11 +219,45 @@ class Storage:
     def close(self) -> None:
         """Commit (and ack) what the writer holds, then close the database."""
         try:
+            self.rollups.stop()
             self.writer.close()
             self.finish(self.writer.completed())
             self.writer.check()
         finally:
             self.db.close()
+
+
+class Rollups:
+    """Power rollups (shared/db: minutes written to, then left alone a while, recomputed from
+    the stored points) on a thread of their own: the reading, which may take a while for a busy
+    minute, never holds up the writer; the writer stores the result between two writes."""
+
+    SETTLE_S = 10.0
+    EVERY_S = 1.0
+
+    def __init__(self, db, writer: Writer, rt: Runtime):
+        self.db, self.writer, self.rt = db, writer, rt
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="rollups", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopping.wait(self.EVERY_S):
+            try:
+                read_at = time.time()
+                rows = [(cid, t, self.db.power_minute(cid, t))
+                        for cid, t in self.db.dirty_power_minutes(read_at - self.SETTLE_S)]
+            except Exception:  # a failing read is logged and tried again next round
+                log.exception("power rollups: reading failed")
+                continue
+            if rows:
+                self.writer.upkeep(lambda rows=rows, at=read_at:
+                                   self.db.store_power_rollups(rows, at))
+                self.rt.counters["rollup_minutes"] += len(rows)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join()
 
 
 _EMPTY_I = np.empty(0, np.int64)

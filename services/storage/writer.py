@@ -24,6 +24,7 @@ log = logging.getLogger("storage.writer")
 RETENTION_IDLE_S = 60.0  # between retention steps when nothing was left to remove
 RETENTION_BUSY_S = 1.0  # ... when a step hit its row limit (more is waiting)
 MAX_FULL_BACKOFF_S = 10.0
+UPKEEP = object()  # marks an upkeep job in the queue
 
 
 class Writer:
@@ -43,6 +44,14 @@ class Writer:
         """Queue ``db.write(batches)``; ``(tag, applied)`` comes back from ``completed``."""
         self._put((tag, batches))
         self.in_flight += 1
+
+    def upkeep(self, task) -> None:
+        """Run ``task()`` (a short write of upkeep: rollups) on the writer thread, between
+        writes; from any thread. Dropped when the queue is full (it comes again)."""
+        try:
+            self.jobs.put_nowait((UPKEEP, task))
+        except queue.Full:
+            pass
 
     def completed(self) -> list:
         """``(tag, applied flags)`` of the writes committed since the last call, in order
@@ -88,7 +97,9 @@ class Writer:
             if job is None:
                 return
             try:
-                if job is not ...:
+                if job is not ... and job[0] is UPKEEP:
+                    self._full_is_later(job[1])
+                elif job is not ...:
                     tag, batches = job
                     self.done.put((tag, self._write(batches)))
                 self._retention()
@@ -114,12 +125,15 @@ class Writer:
                 self.disk_full = None
             return applied
 
-    def _retention(self) -> None:
-        """Upkeep between jobs: power rollups of settled minutes, then retention steps."""
+    @staticmethod
+    def _full_is_later(task) -> None:
         try:
-            self.db.rollup_step(time.time())
+            task()
         except DiskFull:
-            pass
+            pass  # upkeep waits for space like everything else; it comes again
+
+    def _retention(self) -> None:
+        """Retention steps between writes, a little at a time."""
         now = time.monotonic()
         if not self.retention or now < self.next_retention:
             return

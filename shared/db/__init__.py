@@ -73,14 +73,20 @@ class RawBatch:
             seen = covered(sender, np.concatenate((self.reading_no[mine], rej_no[mine_rej])))
             keep[np.flatnonzero(mine)] = ~seen[: mine.sum()]
             keep_rej[np.flatnonzero(mine_rej)] = ~seen[mine.sum():]
-        self.resent = int((~keep).sum() + (~keep_rej).sum())
-        if self.resent:
-            self.meter, self.ts_us, self.value = self.meter[keep], self.ts_us[keep], \
-                self.value[keep]
+        dropped = int((~keep).sum() + (~keep_rej).sum())
+        if dropped:  # every column filtered alike: a write tried again sees a whole batch
+            self.resent += dropped
+            self.meter, self.ts_us, self.value = (self.meter[keep], self.ts_us[keep],
+                                                  self.value[keep])
+            self.reading_sender, self.reading_no = (self.reading_sender[keep],
+                                                    self.reading_no[keep])
             if self.t_recv is not None:
                 self.t_recv = self.t_recv[keep]
-            self.rejected = [r for r, k in zip(self.rejected, keep_rej.tolist(), strict=True)
-                             if k]
+            flags = keep_rej.tolist()
+            self.rejected = [r for r, k in zip(self.rejected, flags, strict=True) if k]
+            self.rejected_sender = [x for x, k in zip(self.rejected_sender, flags, strict=True)
+                                    if k]
+            self.rejected_no = [x for x, k in zip(self.rejected_no, flags, strict=True) if k]
 
 
 def line_ranges(numbers: np.ndarray, existing: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -536,34 +536,53 @@ class SqliteDatabase:
         """Per-minute and per-hour power rollups (n, sum, min, max of watts; energy in Wh:
         each point's watts held until the next point, unless that is more than ENERGY_GAP_US
         away) for minutes written to and then left alone for ``settle_s``, recomputed from
-        the stored points (so late or corrected points count). Returns minutes done."""
-        dirty = self.conn.execute("SELECT circuit_id, t FROM power_dirty WHERE touched < ?"
-                                  " ORDER BY t LIMIT ?", (now_s - settle_s, most)).fetchall()
-        for cid, t in dirty:
-            with self._transaction():
-                self._rollup_minute(cid, t)
-                hour = t - t % HOUR_US
-                self.conn.execute(
-                    "INSERT OR REPLACE INTO power_1h (circuit_id, t, n, sum, min, max, wh)"
-                    " SELECT circuit_id, ?, sum(n), sum(sum), min(min), max(max), sum(wh)"
-                    " FROM power_1m WHERE circuit_id = ? AND t >= ? AND t < ?"
-                    " GROUP BY circuit_id", (hour, cid, hour, hour + HOUR_US))
-                self.conn.execute("DELETE FROM power_dirty WHERE circuit_id = ? AND t = ?"
-                                  " AND touched < ?", (cid, t, now_s - settle_s))
-        return len(dirty)
+        the stored points (so late or corrected points count). Returns minutes done. Storage
+        runs the reading part on a thread of its own and hands the writing to its writer."""
+        read_at = time.time()
+        rows = [(cid, t, self.power_minute(cid, t))
+                for cid, t in self.dirty_power_minutes(now_s - settle_s, most)]
+        self.store_power_rollups(rows, read_at)
+        return len(rows)
 
-    def _rollup_minute(self, cid: int, t: int) -> None:
-        row = self.conn.execute(
+    def dirty_power_minutes(self, touched_before_s: float, most: int = 50) -> list[tuple]:
+        """(circuit id, minute) of power written to, last before ``touched_before_s``."""
+        return self._reader().execute("SELECT circuit_id, t FROM power_dirty WHERE touched < ?"
+                                      " ORDER BY t LIMIT ?", (touched_before_s, most)).fetchall()
+
+    def power_minute(self, cid: int, t: int) -> tuple | None:
+        """A minute's power rollup from the stored points (a read): n, sum, min, max, wh."""
+        row = self._reader().execute(
             "SELECT count(*), sum(watts), min(watts), max(watts),"
             " sum(CASE WHEN nxt - ts_us <= ? THEN watts * (nxt - ts_us) ELSE 0 END) / 3.6e9"
             " FROM (SELECT ts_us, watts, LEAD(ts_us) OVER (ORDER BY ts_us) AS nxt FROM power"
             "       WHERE circuit_id = ? AND ts_us >= ? AND ts_us < ?) WHERE ts_us < ?",
             (ENERGY_GAP_US, cid, t, t + MINUTE_US + ENERGY_GAP_US, t + MINUTE_US)).fetchone()
-        if row[0]:
-            self.conn.execute("INSERT OR REPLACE INTO power_1m (circuit_id, t, n, sum, min,"
-                              " max, wh) VALUES (?, ?, ?, ?, ?, ?, ?)", (cid, t, *row))
-        else:
-            self.conn.execute("DELETE FROM power_1m WHERE circuit_id = ? AND t = ?", (cid, t))
+        return row if row[0] else None
+
+    def store_power_rollups(self, rows: list[tuple], read_at: float) -> None:
+        """Store minutes computed by ``power_minute`` (None: no points left) and their hours;
+        a minute written to again after ``read_at`` stays dirty (it is done again)."""
+        if not rows:
+            return
+        with self._transaction():
+            for cid, t, agg in rows:
+                if agg is None:
+                    self.conn.execute("DELETE FROM power_1m WHERE circuit_id = ? AND t = ?",
+                                      (cid, t))
+                else:
+                    self.conn.execute("INSERT OR REPLACE INTO power_1m (circuit_id, t, n, sum,"
+                                      " min, max, wh) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                      (cid, t, *agg))
+                self.conn.execute("DELETE FROM power_dirty WHERE circuit_id = ? AND t = ?"
+                                  " AND touched < ?", (cid, t, read_at))
+            for cid, hour in sorted({(cid, t - t % HOUR_US) for cid, t, _ in rows}):
+                self.conn.execute("DELETE FROM power_1h WHERE circuit_id = ? AND t = ?",
+                                  (cid, hour))
+                self.conn.execute(
+                    "INSERT INTO power_1h (circuit_id, t, n, sum, min, max, wh)"
+                    " SELECT circuit_id, ?, sum(n), sum(sum), min(min), max(max), sum(wh)"
+                    " FROM power_1m WHERE circuit_id = ? AND t >= ? AND t < ?"
+                    " GROUP BY circuit_id", (hour, cid, hour, hour + HOUR_US))
 
     def newest(self, meters: list[str]) -> dict[str, int]:
         """The latest stored reading's time of each meter that has one."""
