@@ -182,11 +182,33 @@ def pg_database(admin_url: str):
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def ref_copy(admin_url: str, rows: int, batch: int = 5000, write_row: bool = False) -> float:
-    """Rows/s of bare binary COPY of the benchmark's readings into the storage schema's
-    ``readings`` (partitioned, indexed) on the server, ``batch`` rows per transaction: each
-    batch's COPY payload made before the clock starts (the server's rate, not the client's);
-    ``write_row``: psycopg's own ``write_row`` per row instead (with ``set_types``)."""
+def backend_cpu(conn) -> float | None:
+    """CPU seconds of the server process serving ``conn`` so far (None: not on this host)."""
+    try:
+        return proc_usage(conn.info.backend_pid)[0]
+    except OSError:
+        return None
+
+
+def _measure(conn, rows: int, run) -> dict:
+    """Rows/s of ``run()``; the CPU seconds it took the server process serving ``conn`` and
+    this process (per row: the server should be the bound)."""
+    server0, client0 = backend_cpu(conn), time.process_time()
+    start = time.perf_counter()
+    run()
+    seconds = time.perf_counter() - start
+    server1 = backend_cpu(conn)
+    return {"rows_per_s": rows / seconds,
+            "server_cpu_s": None if server0 is None else server1 - server0,
+            "client_cpu_s": time.process_time() - client0}
+
+
+def ref_copy(admin_url: str, rows: int, batch: int = 5000, write_row: bool = False) -> dict:
+    """Bare binary COPY of the benchmark's readings into the storage schema's ``readings``
+    (partitioned, indexed) on the server, ``batch`` rows per COPY, each COPY a transaction
+    of its own (autocommit: no BEGIN or COMMIT to send), its payload made before the clock
+    starts (the server's rate, not the client's); ``write_row``: psycopg's own ``write_row``
+    per row instead (with ``set_types``). Rows/s and CPU seconds (``_measure``)."""
     import psycopg
 
     from shared.db.postgres import DAY_US, PostgresDatabase, copy_binary
@@ -203,66 +225,84 @@ def ref_copy(admin_url: str, rows: int, batch: int = 5000, write_row: bool = Fal
         tuples = list(zip(ids.tolist(), ts.tolist(), value.tolist(), strict=True)) \
             if write_row else []
         sql = "COPY readings (meter_id, ts_us, value) FROM STDIN (FORMAT BINARY)"
-        with psycopg.connect(url, autocommit=True) as conn:
-            start = time.perf_counter()
+
+        def run() -> None:
             for (a, b), payload in zip(spans, payloads, strict=True):
-                with conn.transaction(), conn.cursor().copy(sql) as copy:
+                with conn.cursor().copy(sql) as copy:
                     if write_row:
                         copy.set_types(["int4", "int8", "float8"])
                         for row in tuples[a:b]:
                             copy.write_row(row)
                     else:
                         copy.write(payload)
-            return rows / (time.perf_counter() - start)
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            return _measure(conn, rows, run)
 
 
-def pg_write_rate(admin_url: str, rows: int, batch: int = 5000) -> float:
-    """Rows/s of ``PostgresDatabase.write`` on the same readings, one batch of ``batch`` rows
-    per write as storage makes them (a key each, a base that raises the low mark, the
-    per-minute and per-hour rollups upserted, totals)."""
+def pg_write(admin_url: str, rows: int, batch: int = 5000) -> dict:
+    """``PostgresDatabase.write`` on the same readings, one batch of ``batch`` rows per write
+    as storage makes them (a key each, a base that raises the low mark, the per-minute and
+    per-hour rollups upserted, totals). Rows/s and CPU seconds (``_measure``)."""
     from shared.db import RawBatch
     from shared.db.postgres import PostgresDatabase
 
     meter, ts, value = bench_rows(rows)
     with pg_database(admin_url) as url:
         db = PostgresDatabase(url, [config.Meter(*m) for m in METERS])
-        batches = [RawBatch("bench", seq, max(0, seq - 4), meter[k : k + batch], ts[k : k + batch],
-                            value[k : k + batch]) for seq, k in enumerate(range(0, rows, batch))]
-        start = time.perf_counter()
-        for b in batches:
-            assert db.write([b]) == [True]
-        rate = rows / (time.perf_counter() - start)
+        batches = [RawBatch("bench", seq, max(0, seq - 4), meter[k : k + batch],
+                            ts[k : k + batch], value[k : k + batch])
+                   for seq, k in enumerate(range(0, rows, batch))]
+
+        def run() -> None:
+            for b in batches:
+                assert db.write([b]) == [True]
+
+        out = _measure(db.conn, rows, run)
         assert db.totals()["readings"] == rows
         db.close()
-    return rate
+    return out
 
 
-def run_postgres(url: str, rows: int, repeats: int = 2) -> dict:
+def run_postgres(url: str, rows: int, repeats: int = 3) -> dict:
     """The PostgreSQL measurements, alternated ``repeats`` times (the machine is shared):
-    bare binary COPY, psycopg's write_row COPY, and storage's write; the best of each."""
-    runs: dict[str, list[float]] = {"copy_binary": [], "copy_write_row": [], "storage_write": []}
+    bare binary COPY, psycopg's write_row COPY, and storage's write. Rates: the best run of
+    each; CPU per row (server process, client): the median run's."""
+    names = ("copy_binary", "storage_write", "copy_write_row")
+    runs: dict[str, list[dict]] = {k: [] for k in names}
     for _ in range(repeats):
         runs["copy_binary"].append(ref_copy(url, rows))
-        runs["storage_write"].append(pg_write_rate(url, rows))
+        runs["storage_write"].append(pg_write(url, rows))
         runs["copy_write_row"].append(ref_copy(url, rows, write_row=True))
-    best = {k: round(max(v)) for k, v in runs.items()}
-    return {"rows": rows, "batch_rows": 5000, "runs_rows_per_s": {
-        k: [round(x) for x in v] for k, v in runs.items()}, "best_rows_per_s": best,
-        "storage_write_vs_copy_binary": round(best["storage_write"] / best["copy_binary"], 3),
-        "storage_write_vs_copy_write_row": round(best["storage_write"]
-                                                 / best["copy_write_row"], 3)}
+    best = {k: round(max(r["rows_per_s"] for r in v)) for k, v in runs.items()}
+
+    def per_row_us(k: str, key: str) -> float | None:
+        vals = [r[key] for r in runs[k] if r[key] is not None]
+        return round(float(np.median(vals)) / rows * 1e6, 2) if vals else None
+
+    return {"rows": rows, "batch_rows": 5000,
+            "runs_rows_per_s": {k: [round(r["rows_per_s"]) for r in v] for k, v in runs.items()},
+            "best_rows_per_s": best,
+            "server_cpu_us_per_row": {k: per_row_us(k, "server_cpu_s") for k in names},
+            "client_cpu_us_per_row": {k: per_row_us(k, "client_cpu_s") for k in names},
+            "storage_write_vs_copy_binary": round(best["storage_write"] / best["copy_binary"], 3),
+            "storage_write_vs_copy_write_row": round(best["storage_write"]
+                                                     / best["copy_write_row"], 3)}
 
 
 def print_postgres(r: dict) -> None:
-    b = r["best_rows_per_s"]
-    print(f"\nPostgreSQL ({r['rows']:,} readings, {r['batch_rows']:,} per transaction; best of "
-          f"{len(r['runs_rows_per_s']['copy_binary'])}):")
-    print(f"  bare binary COPY (payload made beforehand) {b['copy_binary']:>12,} rows/s")
-    print(f"  bare binary COPY, psycopg write_row         {b['copy_write_row']:>12,} rows/s")
-    print(f"  PostgresDatabase.write (storage's)          {b['storage_write']:>12,} rows/s = "
-          f"{r['storage_write_vs_copy_binary']:.3f} of bare binary COPY "
+    b, srv, cli = r["best_rows_per_s"], r["server_cpu_us_per_row"], r["client_cpu_us_per_row"]
+    print(f"\nPostgreSQL ({r['rows']:,} readings, {r['batch_rows']:,} per transaction; rate: best"
+          f" of {len(r['runs_rows_per_s']['copy_binary'])} alternated runs; CPU µs per row:"
+          f" the median run's, server process / client):")
+    for key, label in (("copy_binary", "bare binary COPY (payload made beforehand)"),
+                       ("copy_write_row", "bare binary COPY, psycopg write_row"),
+                       ("storage_write", "PostgresDatabase.write (storage's)")):
+        print(f"  {label:<43} {b[key]:>10,} rows/s   CPU {srv[key]} / {cli[key]}")
+    print(f"  storage's write = {r['storage_write_vs_copy_binary']:.3f} of bare binary COPY "
           f"({r['storage_write_vs_copy_write_row']:.3f} of write_row COPY)")
-    print("  every run: " + "; ".join(f"{k} {v}" for k, v in r["runs_rows_per_s"].items()))
+    print("  every run (rows/s): " + "; ".join(f"{k} {v}"
+                                             for k, v in r["runs_rows_per_s"].items()))
 
 
 # ---- the stack -------------------------------------------------------------------------------

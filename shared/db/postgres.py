@@ -324,8 +324,9 @@ class PostgresDatabase:
         if ts:
             self._ensure("readings", np.concatenate(ts))
         t_recv = [r[0] for b in raws for r in b.rejected]
-        if t_recv:
-            self._ensure("rejected", np.floor(np.array(t_recv) * 1e6).astype(np.int64))
+        if t_recv:  # (seconds as floats: µs a little either side, whichever the server rounds to)
+            us = np.floor(np.array(t_recv) * 1e6).astype(np.int64)
+            self._ensure("rejected", np.concatenate((us - 1, us, us + 1)))
         power = [b.points["ts_us"] for b in batches
                  if isinstance(b, PowerBatch) and len(b.points["ts_us"])]
         if power:
@@ -364,13 +365,14 @@ class PostgresDatabase:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
                 self._ensure_for(batches)
-                with self.conn.transaction():
-                    return self._apply(batches)
+                return self._apply(batches)
             except errors.DiskFull as exc:
+                self._rollback()
                 _restore(kept)
                 raise DiskFull(str(exc)) from exc
             except (errors.DeadlockDetected, errors.SerializationFailure,
                     errors.CheckViolation) as exc:
+                self._rollback()
                 _restore(kept)
                 # (a row with no partition: another replica's retention dropped one we knew)
                 gone = isinstance(exc, errors.CheckViolation) and "no partition" in str(exc)
@@ -383,9 +385,15 @@ class PostgresDatabase:
                 log.info("write retried (%s): %s", type(exc).__name__, exc)
                 time.sleep(random.uniform(0, 0.01 * attempt))  # apart from the other party
             except BaseException:
+                self._rollback()
                 _restore(kept)
                 raise
         raise AssertionError("unreachable")
+
+    def _rollback(self) -> None:
+        if not self.conn.closed and self.conn.info.transaction_status in (
+                psycopg.pq.TransactionStatus.INTRANS, psycopg.pq.TransactionStatus.INERROR):
+            self.conn.execute("ROLLBACK")
 
     def _apply(self, batches) -> list[bool]:
         """The write's transaction (READ COMMITTED). Row locks are taken in one order by every
@@ -393,18 +401,28 @@ class PostgresDatabase:
         (readings_1m, then readings_1h), power rows, sources, keys under the low marks,
         totals. Rows of readings and rejected are new rows (no locks). So two replicas never
         wait for each other in a cycle; should the server find a deadlock anyway (a lock
-        this order misses), ``write`` runs the transaction again."""
+        this order misses), ``write`` runs the transaction again.
+
+        Round trips, as few as a bare COPY's: BEGIN and the claim in one pipeline, the
+        COPYs, then every statement that follows and COMMIT in one pipeline (executed one
+        after another, in this order). (A transaction by hand: psycopg's ``transaction()``
+        would send BEGIN and COMMIT on their own.)"""
         fresh = self._claim(batches)
         raws = [b for b, ok in zip(batches, fresh, strict=True)
                 if ok and isinstance(b, RawBatch)]
         self._drop_resent(raws)
         deltas: dict[str, int] = {}
-        self._write_readings(raws, deltas)
+        later: list[tuple[str, Any]] = []  # (statement, parameters) after the COPYs
+        self._write_readings(raws, deltas, later)
         self._write_rejected([r for b in raws for r in b.rejected], deltas)
         self._write_power([b for b, ok in zip(batches, fresh, strict=True)
-                           if ok and isinstance(b, PowerBatch)], deltas)
-        self._advance_lows(batches)
-        self._add_totals(deltas)
+                           if ok and isinstance(b, PowerBatch)], deltas, later)
+        self._advance_lows(batches, later)
+        self._add_totals(deltas, later)
+        with self.conn.pipeline():
+            for statement, params in later:
+                self.conn.execute(statement, params)
+            self.conn.execute("COMMIT")
         return fresh
 
     def _claim(self, batches) -> list[bool]:
@@ -425,14 +443,19 @@ class PostgresDatabase:
         stream's base on acks, and storage acks after the commit)."""
         keyed = sorted({(b.source, b.seq) for b in batches if b.source is not None})
         if not keyed:
+            self.conn.execute("BEGIN")
             return [True] * len(batches)
         sources, seqs = (list(x) for x in zip(*keyed, strict=True))
-        went_in = set(self.conn.execute(
-            "INSERT INTO batches (source, seq) SELECT * FROM unnest(%s::text[], %s::bigint[])"
-            " AS u(source, seq) ORDER BY source, seq ON CONFLICT DO NOTHING"
-            " RETURNING source, seq", (sources, seqs)).fetchall())
-        lows = dict(self.conn.execute("SELECT source, low FROM sources WHERE source = ANY(%s)",
-                                      (sorted(set(sources)),)).fetchall())
+        with self.conn.pipeline():  # the transaction's start and two statements (see above)
+            self.conn.execute("BEGIN")
+            inserted = self.conn.execute(
+                "INSERT INTO batches (source, seq) SELECT * FROM unnest(%s::text[],"
+                " %s::bigint[]) AS u(source, seq) ORDER BY source, seq ON CONFLICT DO NOTHING"
+                " RETURNING source, seq", (sources, seqs))
+            low_rows = self.conn.execute(
+                "SELECT source, low FROM sources WHERE source = ANY(%s)",
+                (sorted(set(sources)),))
+        went_in, lows = set(inserted.fetchall()), dict(low_rows.fetchall())
         fresh = []
         for b in batches:
             key = (b.source, b.seq)
@@ -476,7 +499,7 @@ class PostgresDatabase:
             (sender, [a for a, _ in merged], [b for _, b in merged]))
         return seen
 
-    def _write_readings(self, raws: list[RawBatch], deltas: dict[str, int]) -> None:
+    def _write_readings(self, raws: list[RawBatch], deltas: dict[str, int], later) -> None:
         raws = [b for b in raws if len(b.meter)]
         if not raws:
             return
@@ -488,8 +511,7 @@ class PostgresDatabase:
             copy.write(copy_binary([meter, ts, value], ["int4", "int8", "float8"]))
         for table, width in (("readings_1m", MINUTE_US), ("readings_1h", HOUR_US)):
             stats = bucket_stats(meter, ts - ts % width, value)  # in (meter, t) order
-            self.conn.execute(ROLLUP_UPSERT.format(table=table),
-                              [col.tolist() for col in stats])
+            later.append((ROLLUP_UPSERT.format(table=table), [col.tolist() for col in stats]))
         deltas["readings"] = len(ts)
 
     def _write_rejected(self, rows: list[tuple], deltas: dict[str, int]) -> None:
@@ -504,7 +526,7 @@ class PostgresDatabase:
         for r in rows:
             deltas[f"rejected.{r[2]}"] = deltas.get(f"rejected.{r[2]}", 0) + 1
 
-    def _write_power(self, batches: list[PowerBatch], deltas: dict[str, int]) -> None:
+    def _write_power(self, batches: list[PowerBatch], deltas: dict[str, int], later) -> None:
         """Upserted: COPY into a temporary table, then one INSERT ... ON CONFLICT in key
         order. PostgreSQL refuses one such INSERT touching a key twice, so a key given more
         than once (in a batch, or in two batches of this write) keeps its last row."""
@@ -524,10 +546,10 @@ class PostgresDatabase:
             copy.write(copy_binary([circuit[pick]] + [cols[c][pick] for c in
                                                       ("ts_us", "watts", "volts", "amps")],
                                    ["int4", "int8", "float8", "float8", "float8"]))
-        self.conn.execute(
+        later.append((
             "INSERT INTO power (circuit_id, ts_us, watts, volts, amps) SELECT * FROM power_in"
             " ORDER BY circuit_id, ts_us ON CONFLICT (circuit_id, ts_us) DO UPDATE SET"
-            " watts = excluded.watts, volts = excluded.volts, amps = excluded.amps")
+            " watts = excluded.watts, volts = excluded.volts, amps = excluded.amps", None))
         deltas["power"] = n
 
     def _circuit_column(self, points: dict) -> np.ndarray:
@@ -536,7 +558,7 @@ class PostgresDatabase:
         ids = np.array([self.circuit_ids[tuple(u)] for u in uniq.tolist()], np.int64)
         return ids[inverse.reshape(-1)]
 
-    def _advance_lows(self, batches) -> None:
+    def _advance_lows(self, batches, later) -> None:
         """Every batch below a stream's ``base`` is applied (its sender had acks for them):
         raise the stream's low mark and forget the keys under it."""
         bases: dict[str, int] = {}
@@ -546,25 +568,23 @@ class PostgresDatabase:
         if not bases:
             return
         names = sorted(bases)
-        lows = self.conn.execute(
+        later.append((
             "INSERT INTO sources (source, low, t) SELECT u.source, u.low, %s FROM"
             " unnest(%s::text[], %s::bigint[]) AS u(source, low) ORDER BY u.source"
             " ON CONFLICT (source) DO UPDATE SET low = GREATEST(sources.low, excluded.low),"
-            " t = excluded.t RETURNING source, low",
-            (time.time(), names, [bases[s] for s in names])).fetchall()
-        self.conn.execute(
-            "DELETE FROM batches b USING unnest(%s::text[], %s::bigint[]) AS u(source, low)"
-            " WHERE b.source = u.source AND b.seq <= u.low",
-            ([s for s, _ in lows], [low for _, low in lows]))
+            " t = excluded.t", (time.time(), names, [bases[s] for s in names])))
+        later.append((  # (the sources rows are ours now, updated: their lows as raised)
+            "DELETE FROM batches b USING sources s WHERE s.source = ANY(%s)"
+            " AND b.source = s.source AND b.seq <= s.low", (names,)))
 
-    def _add_totals(self, deltas: dict[str, int]) -> None:
+    def _add_totals(self, deltas: dict[str, int], later: list) -> None:
         """Last in the transaction, in name order: every writer updates these rows."""
         names = sorted(k for k, n in deltas.items() if n)
         if names:
-            self.conn.execute(
+            later.append((
                 "INSERT INTO totals (name, n) SELECT * FROM unnest(%s::text[], %s::bigint[])"
                 " AS u(name, n) ORDER BY name ON CONFLICT (name) DO UPDATE"
-                " SET n = totals.n + excluded.n", (names, [deltas[k] for k in names]))
+                " SET n = totals.n + excluded.n", (names, [deltas[k] for k in names])))
 
     # ---- upkeep --------------------------------------------------------------------------
 
@@ -618,10 +638,16 @@ class PostgresDatabase:
                     sql.Identifier(table)))
                 self.conn.execute(sql.SQL("DROP TABLE {}").format(part))
                 if table != "power":  # (power's total counts points written, as on SQLite)
-                    self._add_totals({k: -n for k, n in counts.items()})
+                    later: list = []
+                    self._add_totals({k: -n for k, n in counts.items()}, later)
+                    for statement, params in later:
+                        self.conn.execute(statement, params)
         except (errors.LockNotAvailable, errors.DeadlockDetected) as exc:
             self.state["retention_lock_busy"] += 1
             log.info("retention: %s not dropped this time (%s)", name, type(exc).__name__)
+            return 0
+        except errors.UndefinedTable:  # another replica's retention was first
+            self.parts.get(table, {}).pop(lo, None)
             return 0
         except errors.DiskFull as exc:
             raise DiskFull(str(exc)) from exc

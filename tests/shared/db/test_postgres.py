@@ -223,6 +223,22 @@ def test_a_partition_dropped_by_another_replica_is_made_again(pg_url):
     b.close()
 
 
+def test_two_replicas_running_retention_at_once_drop_each_day_once(pg_url):
+    retention = Retention(readings_days=1, power_days=0, rejected_days=0, rollup_1m_days=0,
+                          rollup_1h_days=0)
+    a = open_database(pg_url, METERS, retention=retention)
+    b = open_database(pg_url, METERS, retention=retention)
+    a.write([batch("s", 0, n=5 * 24, step_us=HOUR_US)])  # five days from noon: six partitions
+    now = T0 + 10 * DAY_US
+    got = both(lambda: [a.retention_step(now)["readings"] for _ in range(6)],
+               lambda: [b.retention_step(now)["readings"] for _ in range(6)])
+    assert sum(got[0]) + sum(got[1]) == 5 * 24
+    assert a.totals()["readings"] == 0
+    assert not [p for p in partitions(pg_url, "readings") if p < "readings_p20240507"]
+    a.close()
+    b.close()
+
+
 def test_an_existing_database_keeps_its_partition_width(pg_url):
     PostgresDatabase(pg_url, METERS, partition_days=1 / 24).close()  # hourly
     db = PostgresDatabase(pg_url, METERS)  # asks for daily: the database says hourly
