@@ -240,10 +240,11 @@ def ref_copy(admin_url: str, rows: int, batch: int = 5000, write_row: bool = Fal
             return _measure(conn, rows, run)
 
 
-def pg_write(admin_url: str, rows: int, batch: int = 5000) -> dict:
-    """``PostgresDatabase.write`` on the same readings, one batch of ``batch`` rows per write
-    as storage makes them (a key each, a base that raises the low mark, the per-minute and
-    per-hour rollups upserted, totals). Rows/s and CPU seconds (``_measure``)."""
+def pg_write(admin_url: str, rows: int, batch: int = 5000, per_write: int = 1) -> dict:
+    """``PostgresDatabase.write`` on the same readings in batches of ``batch`` rows as storage
+    makes them (a key each, a base that raises the low mark, the per-minute and per-hour
+    rollups upserted, totals), ``per_write`` batches per write (storage folds up to
+    ``storage.batch_max`` when they queue up). Rows/s and CPU seconds (``_measure``)."""
     from shared.db import RawBatch
     from shared.db.postgres import PostgresDatabase
 
@@ -255,8 +256,8 @@ def pg_write(admin_url: str, rows: int, batch: int = 5000) -> dict:
                    for seq, k in enumerate(range(0, rows, batch))]
 
         def run() -> None:
-            for b in batches:
-                assert db.write([b]) == [True]
+            for k in range(0, len(batches), per_write):
+                assert all(db.write(batches[k : k + per_write]))
 
         out = _measure(db.conn, rows, run)
         assert db.totals()["readings"] == rows
@@ -268,12 +269,13 @@ def run_postgres(url: str, rows: int, repeats: int = 3) -> dict:
     """The PostgreSQL measurements, alternated ``repeats`` times (the machine is shared):
     bare binary COPY, psycopg's write_row COPY, and storage's write. Rates: the best run of
     each; CPU per row (server process, client): the median run's."""
-    names = ("copy_binary", "storage_write", "copy_write_row")
+    names = ("copy_binary", "storage_write", "copy_write_row", "storage_write_10")
     runs: dict[str, list[dict]] = {k: [] for k in names}
     for _ in range(repeats):
         runs["copy_binary"].append(ref_copy(url, rows))
         runs["storage_write"].append(pg_write(url, rows))
         runs["copy_write_row"].append(ref_copy(url, rows, write_row=True))
+        runs["storage_write_10"].append(pg_write(url, rows, per_write=10))
     best = {k: round(max(r["rows_per_s"] for r in v)) for k, v in runs.items()}
 
     def per_row_us(k: str, key: str) -> float | None:
@@ -286,21 +288,25 @@ def run_postgres(url: str, rows: int, repeats: int = 3) -> dict:
             "server_cpu_us_per_row": {k: per_row_us(k, "server_cpu_s") for k in names},
             "client_cpu_us_per_row": {k: per_row_us(k, "client_cpu_s") for k in names},
             "storage_write_vs_copy_binary": round(best["storage_write"] / best["copy_binary"], 3),
+            "storage_write_10_vs_copy_binary": round(best["storage_write_10"]
+                                                     / best["copy_binary"], 3),
             "storage_write_vs_copy_write_row": round(best["storage_write"]
                                                      / best["copy_write_row"], 3)}
 
 
 def print_postgres(r: dict) -> None:
     b, srv, cli = r["best_rows_per_s"], r["server_cpu_us_per_row"], r["client_cpu_us_per_row"]
-    print(f"\nPostgreSQL ({r['rows']:,} readings, {r['batch_rows']:,} per transaction; rate: best"
-          f" of {len(r['runs_rows_per_s']['copy_binary'])} alternated runs; CPU µs per row:"
+    print(f"\nPostgreSQL ({r['rows']:,} readings, {r['batch_rows']:,} per batch and COPY; rate:"
+          f" best of {len(r['runs_rows_per_s']['copy_binary'])} alternated runs; CPU µs per row:"
           f" the median run's, server process / client):")
     for key, label in (("copy_binary", "bare binary COPY (payload made beforehand)"),
                        ("copy_write_row", "bare binary COPY, psycopg write_row"),
-                       ("storage_write", "PostgresDatabase.write (storage's)")):
+                       ("storage_write", "PostgresDatabase.write (storage's)"),
+                       ("storage_write_10", "  the same, 10 batches per write")):
         print(f"  {label:<43} {b[key]:>10,} rows/s   CPU {srv[key]} / {cli[key]}")
     print(f"  storage's write = {r['storage_write_vs_copy_binary']:.3f} of bare binary COPY "
-          f"({r['storage_write_vs_copy_write_row']:.3f} of write_row COPY)")
+          f"({r['storage_write_vs_copy_write_row']:.3f} of write_row COPY); 10 batches per "
+          f"write: {r['storage_write_10_vs_copy_binary']:.3f}")
     print("  every run (rows/s): " + "; ".join(f"{k} {v}"
                                              for k, v in r["runs_rows_per_s"].items()))
 
