@@ -20,6 +20,7 @@ then CPU seconds and peak RSS of every service;
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -146,6 +147,168 @@ def ref_executemany(rows: int, batch: int = 5000, per_statement: int = 1) -> flo
         rate = rows / (time.perf_counter() - start)
         conn.close()
     return rate
+
+
+# ---- PostgreSQL (``--postgres URL``) ---------------------------------------------------------
+
+def bench_rows(rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The benchmark's readings as columns (meter index, ts_us, value): the five meters, one
+    tick of all five per millisecond, as in ``ref_executemany``."""
+    i = np.arange(rows)
+    return (i % GROUP_SIZE).astype(np.int64), T0 + (i // GROUP_SIZE) * STEP_US, \
+        (i % 97).astype(np.float64)
+
+
+@contextlib.contextmanager
+def pg_database(admin_url: str):
+    """A fresh database on the server ``admin_url`` reaches (whose user may create
+    databases) with wattflow's schema and the partitions the benchmark's rows need: its
+    conninfo; dropped afterwards."""
+    import psycopg
+    from psycopg.conninfo import make_conninfo
+
+    from shared.db.postgres import PostgresDatabase
+
+    name = f"wattflow_bench_{os.getpid()}_{time.monotonic_ns()}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = make_conninfo(admin_url, dbname=name)
+    try:
+        db = PostgresDatabase(url, [config.Meter(*m) for m in METERS])
+        db.close()
+        yield url
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def backend_cpu(conn) -> float | None:
+    """CPU seconds of the server process serving ``conn`` so far (None: not on this host)."""
+    try:
+        return proc_usage(conn.info.backend_pid)[0]
+    except OSError:
+        return None
+
+
+def _measure(conn, rows: int, run) -> dict:
+    """Rows/s of ``run()``; the CPU seconds it took the server process serving ``conn`` and
+    this process (per row: the server should be the bound)."""
+    server0, client0 = backend_cpu(conn), time.process_time()
+    start = time.perf_counter()
+    run()
+    seconds = time.perf_counter() - start
+    server1 = backend_cpu(conn)
+    return {"rows_per_s": rows / seconds,
+            "server_cpu_s": None if server0 is None else server1 - server0,
+            "client_cpu_s": time.process_time() - client0}
+
+
+def ref_copy(admin_url: str, rows: int, batch: int = 5000, write_row: bool = False) -> dict:
+    """Bare binary COPY of the benchmark's readings into the storage schema's ``readings``
+    (partitioned, indexed) on the server, ``batch`` rows per COPY, each COPY a transaction
+    of its own (autocommit: no BEGIN or COMMIT to send), its payload made before the clock
+    starts (the server's rate, not the client's); ``write_row``: psycopg's own ``write_row``
+    per row instead (with ``set_types``). Rows/s and CPU seconds (``_measure``)."""
+    import psycopg
+
+    from shared.db.postgres import DAY_US, PostgresDatabase, copy_binary
+
+    meter, ts, value = bench_rows(rows)
+    with pg_database(admin_url) as url:
+        db = PostgresDatabase(url, [config.Meter(*m) for m in METERS])
+        db._ensure("readings", np.array([ts[0], ts[-1], ts[0] + DAY_US]))  # made beforehand
+        ids = db.meter_ids[meter]
+        db.close()
+        spans = [(k, min(k + batch, rows)) for k in range(0, rows, batch)]
+        payloads = [copy_binary([ids[a:b], ts[a:b], value[a:b]], ["int4", "int8", "float8"])
+                    for a, b in spans]
+        tuples = list(zip(ids.tolist(), ts.tolist(), value.tolist(), strict=True)) \
+            if write_row else []
+        sql = "COPY readings (meter_id, ts_us, value) FROM STDIN (FORMAT BINARY)"
+
+        def run() -> None:
+            for (a, b), payload in zip(spans, payloads, strict=True):
+                with conn.cursor().copy(sql) as copy:
+                    if write_row:
+                        copy.set_types(["int4", "int8", "float8"])
+                        for row in tuples[a:b]:
+                            copy.write_row(row)
+                    else:
+                        copy.write(payload)
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            return _measure(conn, rows, run)
+
+
+def pg_write(admin_url: str, rows: int, batch: int = 5000, per_write: int = 1) -> dict:
+    """``PostgresDatabase.write`` on the same readings in batches of ``batch`` rows as storage
+    makes them (a key each, a base that raises the low mark, the per-minute and per-hour
+    rollups upserted, totals), ``per_write`` batches per write (storage folds up to
+    ``storage.batch_max`` when they queue up). Rows/s and CPU seconds (``_measure``)."""
+    from shared.db import RawBatch
+    from shared.db.postgres import PostgresDatabase
+
+    meter, ts, value = bench_rows(rows)
+    with pg_database(admin_url) as url:
+        db = PostgresDatabase(url, [config.Meter(*m) for m in METERS])
+        batches = [RawBatch("bench", seq, max(0, seq - 4), meter[k : k + batch],
+                            ts[k : k + batch], value[k : k + batch])
+                   for seq, k in enumerate(range(0, rows, batch))]
+
+        def run() -> None:
+            for k in range(0, len(batches), per_write):
+                assert all(db.write(batches[k : k + per_write]))
+
+        out = _measure(db.conn, rows, run)
+        assert db.totals()["readings"] == rows
+        db.close()
+    return out
+
+
+def run_postgres(url: str, rows: int, repeats: int = 3) -> dict:
+    """The PostgreSQL measurements, alternated ``repeats`` times (the machine is shared):
+    bare binary COPY, psycopg's write_row COPY, and storage's write. Rates: the best run of
+    each; CPU per row (server process, client): the median run's."""
+    names = ("copy_binary", "storage_write", "copy_write_row", "storage_write_10")
+    runs: dict[str, list[dict]] = {k: [] for k in names}
+    for _ in range(repeats):
+        runs["copy_binary"].append(ref_copy(url, rows))
+        runs["storage_write"].append(pg_write(url, rows))
+        runs["copy_write_row"].append(ref_copy(url, rows, write_row=True))
+        runs["storage_write_10"].append(pg_write(url, rows, per_write=10))
+    best = {k: round(max(r["rows_per_s"] for r in v)) for k, v in runs.items()}
+
+    def per_row_us(k: str, key: str) -> float | None:
+        vals = [r[key] for r in runs[k] if r[key] is not None]
+        return round(float(np.median(vals)) / rows * 1e6, 2) if vals else None
+
+    return {"rows": rows, "batch_rows": 5000,
+            "runs_rows_per_s": {k: [round(r["rows_per_s"]) for r in v] for k, v in runs.items()},
+            "best_rows_per_s": best,
+            "server_cpu_us_per_row": {k: per_row_us(k, "server_cpu_s") for k in names},
+            "client_cpu_us_per_row": {k: per_row_us(k, "client_cpu_s") for k in names},
+            "storage_write_vs_copy_binary": round(best["storage_write"] / best["copy_binary"], 3),
+            "storage_write_10_vs_copy_binary": round(best["storage_write_10"]
+                                                     / best["copy_binary"], 3),
+            "storage_write_vs_copy_write_row": round(best["storage_write"]
+                                                     / best["copy_write_row"], 3)}
+
+
+def print_postgres(r: dict) -> None:
+    b, srv, cli = r["best_rows_per_s"], r["server_cpu_us_per_row"], r["client_cpu_us_per_row"]
+    print(f"\nPostgreSQL ({r['rows']:,} readings, {r['batch_rows']:,} per batch and COPY; rate:"
+          f" best of {len(r['runs_rows_per_s']['copy_binary'])} alternated runs; CPU µs per row:"
+          f" the median run's, server process / client):")
+    for key, label in (("copy_binary", "bare binary COPY (payload made beforehand)"),
+                       ("copy_write_row", "bare binary COPY, psycopg write_row"),
+                       ("storage_write", "PostgresDatabase.write (storage's)"),
+                       ("storage_write_10", "  the same, 10 batches per write")):
+        print(f"  {label:<43} {b[key]:>10,} rows/s   CPU {srv[key]} / {cli[key]}")
+    print(f"  storage's write = {r['storage_write_vs_copy_binary']:.3f} of bare binary COPY "
+          f"({r['storage_write_vs_copy_write_row']:.3f} of write_row COPY); 10 batches per "
+          f"write: {r['storage_write_10_vs_copy_binary']:.3f}")
+    print("  every run (rows/s): " + "; ".join(f"{k} {v}"
+                                             for k, v in r["runs_rows_per_s"].items()))
 
 
 # ---- the stack -------------------------------------------------------------------------------
@@ -380,9 +543,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --soak: lines/s offered (default 100000)")
     ap.add_argument("--wal-max-mb", type=float, default=64,
                     help="with --soak: storage.wal_max_mb (default 64)")
+    ap.add_argument("--postgres", metavar="URL",
+                    help="instead: only the PostgreSQL measurements, on the server at URL (a user"
+                         " who may create databases), or 'private' for a private server"
+                         " (tests/pg.py, default settings)")
     args = ap.parse_args(argv)
     if args.soak:
         return run_soak(args)
+    if args.postgres:
+        return run_postgres_only(args)
     conns, lat_conns = 10, 20
     ticks = 4_000 if args.quick else 100_000  # x5 lines x conns: 200k or 5M lines
     lat_rate, lat_s = (20_000, 2.0) if args.quick else (100_000, 10.0)
@@ -457,6 +626,25 @@ def run_soak(args) -> int:
     out.write_text(json.dumps(report, indent=2))
     print(f"\nJSON: {out}")
     return 0 if report["soak"]["exact"] else 1
+
+
+def run_postgres_only(args) -> int:
+    rows = 200_000 if args.quick else 1_000_000
+    print(f"PostgreSQL: {rows:,} readings ...", flush=True)
+    with contextlib.ExitStack() as stack:
+        url = args.postgres
+        if url == "private":
+            from tests.pg import PostgresServer
+
+            url = stack.enter_context(PostgresServer(settings={})).url()
+        report = {"machine": machine(), "postgres": run_postgres(url, rows)}
+    print_postgres(report["postgres"])
+    out = Path(args.json).with_name("postgres-latest.json") if args.json.endswith(
+        "latest.json") else Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nJSON: {out}")
+    return 0
 
 
 def machine() -> dict:
