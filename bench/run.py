@@ -326,29 +326,30 @@ def proc_usage(pid: int) -> tuple[float, int]:
     return cpu, peak
 
 
-def expected_power(stack: Stack, split: int) -> tuple[int, int]:
-    """Power points the pairing rules give for the readings in the order storage wrote them
-    (which is the order it published them to power): (in the first ``split`` readings, after).
-    Written out here on its own, independent of services/power/pairing.py, from the rules: a
-    reading not newer than the one held for its meter is stale; a newer one is held and pairs
-    with each circuit partner held at most max_time_diff (0.5 s) apart."""
+def expected_power(stack: Stack, split_us: int) -> tuple[int, int]:
+    """Power points the as-of join gives over the stored readings: (before ``split_us``,
+    from it on). Written out here on its own from the definition (README "Power"), independent
+    of services/power: per meter one reading per timestamp (the highest value); for every
+    timestamp t of a circuit's two meters, each meter's latest reading at or before t; a point
+    when both exist and the older is at most max_time_diff (0.5 s) before t."""
     max_diff = 500_000
-    ids = dict(stack.query("SELECT id, ip FROM meters"))
-    v_ip, a_ips = METERS[0][0], [m[0] for m in METERS[1:]]
-    latest: dict[str, int] = {}
+    ids = dict(stack.query("SELECT ip, id FROM meters"))
     counts = [0, 0]
-    rows = stack.query("SELECT meter_id, ts_us FROM readings ORDER BY rowid")
-    for i, (meter_id, ts) in enumerate(rows):
-        ip = ids[meter_id]
-        held = latest.get(ip)
-        if held is not None and ts <= held:
-            continue
-        latest[ip] = ts
-        if ip == v_ip:
-            n = sum(1 for a in a_ips if a in latest and abs(ts - latest[a]) <= max_diff)
-        else:
-            n = int(v_ip in latest and abs(ts - latest[v_ip]) <= max_diff)
-        counts[i >= split] += n
+    series = {}
+    for ip, *_ in METERS:
+        rows = np.array(stack.query("SELECT ts_us, max(value) FROM readings WHERE meter_id = ?"
+                                    " GROUP BY ts_us ORDER BY ts_us", ids[ip]), np.float64)
+        series[ip] = rows[:, 0].astype(np.int64) if len(rows) else np.empty(0, np.int64)
+    v = series[METERS[0][0]]
+    for a_ip, *_ in METERS[1:]:
+        a = series[a_ip]
+        t = np.union1d(v, a)
+        i, j = np.searchsorted(v, t, "right") - 1, np.searchsorted(a, t, "right") - 1
+        ok = (i >= 0) & (j >= 0)
+        t, i, j = t[ok], i[ok], j[ok]
+        point = t - np.minimum(v[i], a[j]) <= max_diff
+        counts[0] += int((point & (t < split_us)).sum())
+        counts[1] += int((point & (t >= split_us)).sum())
     return counts[0], counts[1]
 
 
@@ -443,7 +444,10 @@ def latency(stack: Stack, conns: int, rate_total: float, seconds: float) -> dict
     for now, msg in arrivals:
         lat.append(now - msg.data["t_recv"])
         stage["power_published"].append(msg.t - msg.data["t_recv"])
-    got = sum(len(x) for x in lat)
+    # distinct points received (a point computed again with a late reading comes again)
+    got = len({(c, t) for _, m in arrivals
+               for c, t in zip(m.data["circuit"].tolist(), m.data["ts_us"].tolist(),
+                               strict=True)})
     frames = stack.counters("plotter").get("frames", 0) - frames_before
     # frames per second while power data flowed (the plotter draws only when data changed)
     fps, flow_s = 0.0, 0.0
@@ -580,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
             print("latency ...", flush=True)
             report["latency"] = latency(stack, lat_conns, lat_rate, lat_s)
             tp, lat = report["throughput"], report["latency"]
-            tp["power_expected"], lat["power_expected"] = expected_power(stack, tp["lines"])
+            tp["power_expected"], lat["power_expected"] = expected_power(stack, LATENCY_T0)
             report["power_in_db_total"] = stack.count("power")
             report["services"] = {n: dict(zip(("cpu_s_total", "peak_rss_mb"), (
                 round(u[0], 2), round(u[1] / 2**20, 1)), strict=True))

@@ -41,9 +41,11 @@ def test_quick_benchmark_reports_consistent_counts(tmp_path):
     assert tp["lines_sent"] == tp["readings_in_db"] == tp["lines"] > 0
     assert lat["lines_sent"] == lat["lines"] > 0
     assert tp["per_meter_ok"] and lat["per_meter_ok"]
-    # power for every eligible pair (the pairing rules replayed over the stored readings),
-    # published, stored, and seen by the benchmark's own subscriber in the latency phase
-    assert tp["power_in_db"] == tp["power_published"] == tp["power_expected"] > 0
+    # power: every point of the as-of join over the stored readings (computed by the bench on
+    # its own) is stored, published (a point corrected by a late reading is published again),
+    # and seen by the benchmark's own subscriber in the latency phase
+    assert tp["power_in_db"] == tp["power_expected"] > 0
+    assert tp["power_published"] >= tp["power_expected"]
     assert lat["power_points"] == lat["power_expected"] > 0
     assert report["power_in_db_total"] == tp["power_expected"] + lat["power_expected"]
     assert 0 <= lat["p50_ms"] <= lat["p95_ms"] <= lat["p99_ms"] <= lat["max_ms"]
