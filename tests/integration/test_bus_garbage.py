@@ -12,6 +12,7 @@ import time
 
 import msgpack
 import numpy as np
+import pytest
 import zmq
 
 from shared import messages, topics
@@ -105,13 +106,23 @@ def malformed_log_lines(stack, name: str) -> int:
     return len(re.findall(r"malformed message", stack.log(name)))
 
 
-def test_every_service_survives_garbage_on_every_topic(stack):
+@pytest.fixture
+def stranger(stack):
+    """A stranger's socket on the broker's publisher side: an XPUB, so it sees the services'
+    subscriptions arrive (and nothing it sends is dropped unseen for want of them)."""
+    sock = stack.ctx.socket(zmq.XPUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.connect(stack.config["bus"]["publish"])
+    try:
+        yield sock
+    finally:
+        sock.close()  # (before the stack's context is ended)
+
+
+def test_every_service_survives_garbage_on_every_topic(stack, stranger):
     rng = random.Random(14)
     rejected_sub = stack.subscribe(topics.REJECTED)  # a `wattflow tap rejected`, as it were
-    stranger = stack.ctx.socket(zmq.XPUB)  # sees the services' subscriptions arrive
-    stranger.setsockopt(zmq.LINGER, 0)
-    stranger.setsockopt(zmq.SNDHWM, 0)
-    stranger.connect(stack.config["bus"]["publish"])
     everything = {*WATCHED, topics.STATS, topics.REJECTED}
     subscribed: set[bytes] = set()
 
@@ -167,4 +178,3 @@ def test_every_service_survives_garbage_on_every_topic(stack):
     for name, n in bad_for.items():
         logged = malformed_log_lines(stack, name)
         assert 1 <= logged <= 2 + elapsed / 5 < n, (name, logged, n, stack.log(name))
-    stranger.close()
