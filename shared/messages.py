@@ -18,7 +18,8 @@ of a dtype not on the list, an array whose declared count does not match its byt
 * ``src`` a non-empty str (at most 1,024 characters); ``seq`` an int in [0, 2**63), as SQLite
   keeps it; ``t`` an int or float; ``data`` as its topic says (``SCHEMA``).
 * Array columns are 1-D, of dtype ``<i8``, ``<f8`` or ``|S<n>`` (bytes of valid UTF-8: ids
-  and names); list columns hold items of one exact type.
+  and names); list columns hold items of one exact type. A meter time (``ts_us``) lies in
+  [1970, 10000): what a meter line can say.
 * A record topic's ``data`` may carry further columns (a newer sender's): they are kept if
   they are columns of the same length (lists of plain scalars, or arrays as above). A
   consumer that reads one declares it in ``SCHEMA`` first.
@@ -37,18 +38,20 @@ VERSION = 1
 _EXT_NDARRAY = 1
 MAX_SRC = 1024
 SEQ_END = 2**63  # sequence numbers are stored as SQLite integers
+TS_END = 253_402_300_800_000_000  # 10000-01-01 in microseconds since 1970: past any YYYY
 _ARRAY_DTYPES = ("<i8", "<f8")  # and |S<n>
 _BYTES_DTYPE = re.compile(r"\|S[1-9][0-9]{0,5}")
 _HEADER_MAX = 32  # an array's msgpack header: [dtype, count]
 
-# Column kinds: "i8", "f8", "S" (NumPy arrays); "str", "bytes", "num" (int or float), "seq"
-# (int in [0, 2**63)), "line" (bytes ending in a newline): lists of that.
+# Column kinds: "i8", "f8", "S" (NumPy arrays), "ts" (i8 in [0, TS_END): a meter's time, which
+# the plotter turns into dates); "str", "bytes", "num" (int or float), "seq" (int in
+# [0, 2**63)), "line" (bytes ending in a newline): lists of that.
 SCHEMA: dict[bytes, dict[str, str]] = {
     b"raw": {"peer": "str", "t_recv": "f8", "data": "line"},  # + base, too_long (optional)
-    b"reading": {"meter": "S", "unit": "S", "ts_us": "i8", "value": "f8", "t_recv": "f8"},
+    b"reading": {"meter": "S", "unit": "S", "ts_us": "ts", "value": "f8", "t_recv": "f8"},
     b"rejected": {"line": "bytes", "reason": "str", "message": "str", "peer": "str",
                   "t_recv": "f8"},
-    b"power": {"circuit": "S", "ts_us": "i8", "watts": "f8", "volts": "f8", "amps": "f8",
+    b"power": {"circuit": "S", "ts_us": "ts", "watts": "f8", "volts": "f8", "amps": "f8",
                "v_meter": "S", "a_meter": "S", "t_recv": "f8"},
     b"ack": {"source": "str", "seq": "seq"},
 }
@@ -182,6 +185,9 @@ def _column_length(col: Any, kind: str) -> int | None:
     """The column's length if it is a column of ``kind``, else None."""
     if isinstance(col, np.ndarray):  # (1-D, of a listed dtype: see _ext_hook)
         if kind == "any" or col.dtype.str == "<" + kind:
+            return len(col)
+        if kind == "ts" and col.dtype.str == "<i8" and (
+                not col.size or (col.min() >= 0 and col.max() < TS_END)):
             return len(col)
         if kind == "S" and col.dtype.kind == "S" and _utf8(col):
             return len(col)

@@ -78,9 +78,10 @@ def garbage(topic: bytes, rng: random.Random) -> list[list[bytes]]:
                 [topic, packed(dict(good, data=[b"10.0.0.1\tx\t1"]))],  # no newline
                 [topic, packed(dict(good, too_long={"line": [b"x"], "message": [1],
                                                     "peer": ["p"], "t_recv": [1.0]}))]]
-    if topic in (topics.READING, topics.POWER):  # names consumers decode as UTF-8
+    if topic in (topics.READING, topics.POWER):  # names consumers decode, times they draw
         name = "meter" if topic == topics.READING else "circuit"
         out.append([topic, packed(dict(good, **{name: np.array([b"\xff\xfe"])}))])
+        out.append([topic, packed(dict(good, ts_us=np.array([2**62])))])
     return out
 
 

@@ -96,6 +96,8 @@ def assert_documented_shape(msg: messages.Message) -> None:
         if col in data:
             for item in data[col].tolist():
                 item.decode()  # consumers decode these
+    if "ts_us" in data:  # a meter's time: 1970 to 9999
+        assert all(0 <= ts < 253_402_300_800_000_000 for ts in data["ts_us"].tolist())
     if msg.topic == topics.RAW:
         assert all(chunk.endswith(b"\n") for chunk in data["data"])
         assert type(data.get("base", 0)) is int and 0 <= data.get("base", 0) < 2**63
@@ -221,6 +223,11 @@ GARBAGE = {
     "reading value a list": (topics.READING, body(reading_with(value=[1.0, 2.0]))),
     "reading ts_us float": (topics.READING, body(reading_with(ts_us=np.ones(2)))),
     "reading meter int64": (topics.READING, body(reading_with(meter=np.ones(2, I8)))),
+    "reading ts_us before 1970": (topics.READING, body(reading_with(ts_us=np.array([0, -1])))),
+    "reading ts_us past 9999": (topics.READING, body(reading_with(
+        ts_us=np.array([0, messages.TS_END])))),
+    "power ts_us past 9999": (topics.POWER, body(dict(valid_data(topics.POWER, 1),
+                                                       ts_us=np.array([2**62])), topics.POWER)),
     "reading meter not UTF-8": (topics.READING, body(reading_with(
         meter=np.array([b"\xff", b"ok"])))),
     "reading meter cut UTF-8": (topics.READING, body(reading_with(
