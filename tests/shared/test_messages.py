@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from shared import messages, topics
 from shared.messages import MessageError
+from tests.shared.examples import PROPERTY
 
 F8, I8 = np.float64, np.int64
 
@@ -308,11 +309,13 @@ def test_garbage_is_refused_with_message_error(name):
 topic_frames = st.sampled_from(ALL_TOPICS) | st.binary(max_size=12)
 
 
+@PROPERTY
 @given(topic_frames, st.binary(max_size=3000))
 def test_arbitrary_bytes(topic, data):
     decodes_or_refuses(topic, data)
 
 
+@PROPERTY
 @given(st.sampled_from(ALL_TOPICS), st.data())
 def test_valid_bodies_cut_or_with_a_byte_changed(topic, data):
     good = messages.encode("src", 3, 1.0, valid_data(topic, data.draw(st.integers(0, 4))))
@@ -371,6 +374,7 @@ def almost_messages(draw) -> tuple[bytes, dict]:
     return topic, obj
 
 
+@PROPERTY
 @given(almost_messages())
 def test_arbitrary_msgpack_structures(topic_and_obj):
     topic, obj = topic_and_obj
@@ -381,6 +385,7 @@ def test_arbitrary_msgpack_structures(topic_and_obj):
     decodes_or_refuses(topic, packed)
 
 
+@PROPERTY
 @given(st.sampled_from(ALL_TOPICS), structures)
 def test_arbitrary_msgpack_structures_as_data(topic, data):
     obj = {"v": 1, "src": "s", "seq": 1, "t": 2.0, "data": data}

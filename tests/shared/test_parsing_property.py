@@ -8,8 +8,8 @@ bytes; in random order, batching, CRLF or LF ends, with or without a final newli
 line must get the verdict ``parse_line`` gives it (the same reading, or the same rejection
 with the same line number and line bytes), alone and in its block.
 
-``HYPOTHESIS_PROFILE=thorough HYPOTHESIS_EXAMPLES=100000 ./run-tests tests/shared/
-test_parsing_property.py`` runs it long (see tests/shared/conftest.py).
+``HYPOTHESIS_EXAMPLES=50000 ./run-tests tests/shared/test_parsing_property.py`` runs it long
+(tests/shared/examples.py).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from shared import config, parsing
 from shared.config import Meter
 from shared.parsing import IP_WIDTH, VALUE_WIDTH, MeterTable, Reject, parse_block, parse_line
+from tests.shared.examples import PROPERTY
 
 
 def _long_id(n: int) -> str:
@@ -166,6 +167,7 @@ def verdicts(block: bytes, count: int) -> list:
     return out
 
 
+@PROPERTY
 @given(st.lists(lines, min_size=1, max_size=40), st.booleans(), st.booleans())
 def test_parse_block_gives_every_line_the_reference_verdict(block_lines, crlf, final_newline):
     if crlf:
