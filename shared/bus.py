@@ -32,6 +32,7 @@ from shared.config import Config
 
 log = logging.getLogger(__name__)
 LINGER_MS = 2000
+BAD_LOG_EVERY_S = 5.0  # a flood of bad messages logs one line per this many seconds
 
 
 def secure_bind(sock: zmq.Socket, cfg: Config, role: str) -> None:
@@ -212,7 +213,9 @@ class Subscriber:
         self.last_seq: dict[tuple[str, bytes], int] = {}
         self.gaps = 0  # messages missed between two that arrived
         self.repeats = 0  # sequence numbers seen again (resent batches, restarted senders)
-        self.bad = 0  # undecodable bodies
+        self.bad = 0  # messages dropped as malformed (wrong frame count, bad body)
+        self._bad_unlogged = 0
+        self._next_bad_log = 0.0
 
     def recv(self, timeout_ms: int) -> messages.Message | None:
         """One message, or None after ``timeout_ms`` without one."""
@@ -237,14 +240,12 @@ class Subscriber:
 
     def _decode(self, frames: list[bytes]) -> messages.Message | None:
         if len(frames) != 2:
-            self.bad += 1
-            log.warning("dropped a message of %d frames (expected topic and body)", len(frames))
+            self._drop(f"{len(frames)} frames, not topic and body")
             return None
         try:
             msg = messages.decode(frames[0], frames[1])
         except messages.MessageError as exc:
-            self.bad += 1
-            log.warning("dropped a message: %s", exc)
+            self._drop(str(exc))
             return None
         if self.pull:
             return msg
@@ -264,6 +265,18 @@ class Subscriber:
                 self.repeats += 1
         self.last_seq[key] = msg.seq
         return msg
+
+    def _drop(self, why: str) -> None:
+        """Count a malformed message; log the first, then at most one line per
+        ``BAD_LOG_EVERY_S`` with how many came since (anyone on the bus can send a flood)."""
+        self.bad += 1
+        self._bad_unlogged += 1
+        now = time.monotonic()
+        if now >= self._next_bad_log:
+            log.warning("dropped %d malformed message(s) (%d in all); the last: %s",
+                        self._bad_unlogged, self.bad, why)
+            self._bad_unlogged = 0
+            self._next_bad_log = now + BAD_LOG_EVERY_S
 
     def close(self) -> None:
         self.sock.close()

@@ -1,14 +1,38 @@
 """Parse and validate meter lines: ``IP<TAB>YYYY.MM.DD HH:MM:SS.ffffff<TAB>VALUE``.
 
-Two implementations that must agree (tests check it on random input):
+Two implementations that must agree on every input, whatever a line's neighbours (tests
+compare them on arbitrary bytes):
 
-* ``parse_line`` is the reference: one line, clear code, the reason when a line is bad.
+* ``parse_line`` is the reference, and the definition: one line, plain code, the reason when a
+  line is bad.
 * ``parse_block`` is what services run: a whole receive buffer at once with NumPy (no Python
-  object per line), and only the lines its checks cannot pass are handed to ``parse_line``.
+  object per line). It accepts only lines its checks prove valid, with the reading
+  ``parse_line`` gives them; every other line is handed to ``parse_line``.
+
+The rules, checked in this order (the first that fails names the reason):
+
+1. A line is the bytes before a ``\\n``; one ``\\r`` right before it is dropped (CRLF).
+2. ``bad_encoding``: the line is not valid UTF-8.
+3. ``malformed``: the line is blank (nothing but spaces and TABs), or it is not exactly three
+   fields between TABs: METER, TIME, VALUE.
+4. ``unknown_meter``: METER is not, byte for byte, a configured meter id (nothing trimmed).
+5. ``bad_timestamp``: TIME is not ``YYYY.MM.DD HH:MM:SS.f`` (1 to 6 fraction digits) made of
+   ASCII digits 0-9, or not a real date (Feb 29 only in leap years), or before 1970, or
+   hours > 23, minutes or seconds > 59.
+6. ``bad_value``: VALUE is not ``[spaces] NUMBER [spaces] [UNIT] [spaces]``. Spaces are ASCII
+   spaces (0x20) only. NUMBER is an optional ``+``/``-``, then ASCII digits 0-9 with at most
+   one ``.`` (at least one digit), then optionally ``e``/``E``, an optional sign and digits;
+   it must be finite as a float64 (``1e999`` is not). UNIT is a run of letters; a lone ``e``
+   or ``E`` is an exponent without digits, not a unit. Anything else in VALUE makes it
+   ``bad_value``: other whitespace (TAB can only separate fields), control bytes such as NUL
+   or a second ``\\r``, DEL, non-ASCII digits (``١٥``, ``１５``), signs or points elsewhere.
+7. ``wrong_unit``: UNIT is not the meter's unit: ``V`` or ``VOLT`` for volts, ``A`` or ``AMP``
+   for amperes (ASCII letters, any case), or Cyrillic ``В``/``в``, ``А``/``а``.
+8. ``out_of_range``: NUMBER is outside the meter's ``[range_start, range_stop]`` (both ends
+   are in range).
 
 Timestamps carry no zone; they are stored as integer microseconds since 1970-01-01 00:00 of the
-meter's clock (read as UTC), so time differences are exact. VALUE may carry the meter's unit
-(``230.5``, ``230.5 V``, ``230.5В``); a unit that differs from the configured one is rejected.
+meter's clock (read as UTC), so time differences are exact.
 """
 
 from __future__ import annotations
@@ -40,8 +64,12 @@ TRUNCATED = "truncated"  # decided by ingest: a last line cut off by a connectio
 REASONS = (MALFORMED, ENCODING, TIMESTAMP, VALUE, UNKNOWN_METER, WRONG_UNIT, OUT_OF_RANGE, TOO_LONG,
            TRUNCATED)
 
-_TS_RE = re.compile(r"(\d{4})\.(\d\d)\.(\d\d) (\d\d):(\d\d):(\d\d)\.(\d{1,6})")
-_VALUE_RE = re.compile(r"\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*([^\W\d_]*)\s*")
+# ASCII digits only: without re.ASCII, \d (like int() and float()) takes any Unicode digit
+_TS_RE = re.compile(r"(\d{4})\.(\d\d)\.(\d\d) (\d\d):(\d\d):(\d\d)\.(\d{1,6})", re.ASCII)
+_NUMBER = r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+_VALUE_RE = re.compile(rf" *({_NUMBER}) *(\w*) *")  # \w*: a unit only if it is all letters
+_NUMBER_B = re.compile(_NUMBER.encode())  # the same NUMBER, for parse_block's unusual values
+_CYRILLIC_UNITS = {"В": "V", "в": "V", "А": "A", "а": "A"}
 
 
 class MeterTable:
@@ -57,7 +85,10 @@ class MeterTable:
         self.hi = np.array([m.range_stop for m in self.meters], dtype=np.float64)
         # ids that fit the fast path, as IP_WIDTH bytes (zero padded) seen as 64-bit words, and
         # a hash of those words, sorted, for a vectorised exact lookup (see _fast_meter)
-        fits = [i for i, m in enumerate(self.meters) if 0 < len(m.ip.encode()) <= IP_WIDTH]
+        # (printable ASCII only: the fast path never sees a line with other bytes, and its
+        # zero padding must not stand for a byte an id could hold)
+        fits = [i for i, m in enumerate(self.meters)
+                if 0 < len(m.ip) <= IP_WIDTH and m.ip.isascii() and m.ip.isprintable()]
         words = np.zeros((len(fits), IP_WIDTH), np.uint8)
         for row, i in enumerate(fits):
             ip = self.meters[i].ip.encode()
@@ -119,14 +150,15 @@ _DAYS_IN_MONTH = np.array([0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31], d
 
 
 def parse_line(line: bytes, table: MeterTable) -> tuple[int, int, float] | Reject:
-    """Reference parser: (meter index, ts_us, value) or the reason the line is bad."""
+    """Reference parser: (meter index, ts_us, value) or the reason the line is bad; the rules
+    are in the module's docstring."""
     if line.endswith(b"\r"):
         line = line[:-1]
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as exc:
         return Reject(ENCODING, f"line is not valid UTF-8 (byte {exc.start})")
-    if not text.strip():
+    if not text.strip(" \t"):
         return Reject(MALFORMED, "empty line")
     fields = text.split("\t")
     if len(fields) != 3:
@@ -151,37 +183,30 @@ def _parse_ts(text: str) -> int | Reject:
     if match is None:
         return Reject(TIMESTAMP, f"time {text[:40]!r} is not YYYY.MM.DD HH:MM:SS.ffffff")
     y, mo, d, h, mi, s = (int(g) for g in match.groups()[:6])
-    frac = match.group(7)
-    if not (1 <= mo <= 12 and 1 <= d <= calendar.monthrange(y, mo)[1] if 1 <= mo <= 12 else False):
+    if not (1 <= mo <= 12 and 1 <= d <= _DAYS_IN_MONTH[mo] + (mo == 2 and calendar.isleap(y))):
         return Reject(TIMESTAMP, f"time {text!r} is not a real date")
     if y < 1970 or h > 23 or mi > 59 or s > 59:
         return Reject(TIMESTAMP, f"time {text!r} is out of range")
-    return to_us(y, mo, d, h, mi, s, int(frac.ljust(6, "0")))
+    return to_us(y, mo, d, h, mi, s, int(match.group(7).ljust(6, "0")))
 
 
 def _parse_value(text: str, meter: Meter) -> float | Reject:
     match = _VALUE_RE.fullmatch(text)
-    if match is None:
-        try:
-            num = float(text)
-        except ValueError:
-            return Reject(VALUE, f"value {text[:40]!r} is not a number")
-        if not math.isfinite(num):
-            return Reject(VALUE, f"value {text.strip()!r} is not a finite number")
-        return Reject(VALUE, f"value {text[:40]!r} is not a plain decimal number")
-    value, unit = float(match.group(1)), match.group(2)
+    number, unit = match.groups() if match else ("", "")
+    if match is None or (unit and not unit.isalpha()) or unit in ("e", "E"):
+        return Reject(VALUE, f"value {text[:40]!r} is not a number (ASCII digits) with an "
+                             "optional unit")
+    value = float(number)
     if not math.isfinite(value):
-        return Reject(VALUE, f"value {text.strip()!r} is not a finite number")
-    if unit in ("e", "E"):  # "1e": an exponent with no digits, not a unit
-        return Reject(VALUE, f"value {text[:40]!r} is not a number")
+        return Reject(VALUE, f"value {number[:40]!r} is not a finite number")
     if unit:
-        norm = UNITS.get(unit.upper())
-        if norm != meter.unit:
+        named = UNITS.get(unit.upper()) if unit.isascii() else _CYRILLIC_UNITS.get(unit)
+        if named != meter.unit:
             return Reject(WRONG_UNIT, f"meter {meter.ip} measures {meter.unit}, line says {unit!r}")
     if not meter.range_start <= value <= meter.range_stop:
         return Reject(
             OUT_OF_RANGE,
-            f"value {match.group(1)} {meter.unit} is outside meter {meter.ip}'s range "
+            f"value {number} {meter.unit} is outside meter {meter.ip}'s range "
             f"[{meter.range_start:g}, {meter.range_stop:g}]",
         )
     return value
@@ -190,14 +215,15 @@ def _parse_value(text: str, meter: Meter) -> float | Reject:
 _EMPTY_I4 = np.empty(0, np.int32)
 _EMPTY_I8 = np.empty(0, np.int64)
 _EMPTY_F8 = np.empty(0, np.float64)
-_VALUE_CHARS = np.zeros(256, dtype=bool)
-_VALUE_CHARS[list(b"0123456789.eE+-")] = True
-_VALUE_CHARS[0] = True  # padding
+_NUMBER_CHARS = np.zeros(256, dtype=bool)
+_NUMBER_CHARS[list(b"0123456789.eE+-")] = True
+_NUMBER_CHARS[0] = True  # padding (a fast-path line holds no NUL)
 _PAD = max(TS_LEN, IP_WIDTH, VALUE_WIDTH)  # zero bytes after a block, so fixed-width rows fit
 # a timestamp's bytes minus this are 0..9 at digits and 0 at separators when well formed
 _TS_TEMPLATE = np.frombuffer(b"0000.00.00 00:00:00.000000", np.uint8)
 _TS_LIMIT = np.where(_TS_TEMPLATE == ord("0"), 9, 0).astype(np.uint8)
 _EXACT_DIGITS = 15  # an integer of 15 digits is below 2**53: exact as a float64
+_PLAIN_WIDTH = _EXACT_DIGITS + 1  # the longest plain decimal: 15 digits and a point
 _POW10_INT = 10 ** np.arange(_EXACT_DIGITS + 1, dtype=np.int64)
 _POW10_F = 10.0 ** np.arange(_EXACT_DIGITS + 2)
 _HASH_MULT = (np.arange(IP_WIDTH // 8, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
@@ -210,7 +236,9 @@ def _hash_words(words: np.ndarray) -> np.ndarray:
 
 
 def parse_block(block: bytes, table: MeterTable) -> Parsed:
-    """Parse and validate every line of ``block``; same result as ``parse_line`` per line."""
+    """Parse and validate every line of ``block``; the same verdict as ``parse_line`` for every
+    line. Only lines of printable ASCII (and their two TABs and CRLF end) can take the fast
+    path; its zero padding then never stands for a byte of a line."""
     if not block:
         return Parsed(_EMPTY_I4, _EMPTY_I8, _EMPTY_F8)
     if not block.endswith(b"\n"):
@@ -219,7 +247,13 @@ def parse_block(block: bytes, table: MeterTable) -> Parsed:
     padded = np.zeros(size + _PAD, np.uint8)  # fixed-width rows past the end read zeros
     padded[:size] = np.frombuffer(block, dtype=np.uint8)
     a = padded[:size]
-    nl = np.flatnonzero(a == 10)
+    # every byte outside printable ASCII (0x20..0x7e), in one pass: the newlines and TABs, and
+    # what sends a line the slow way (control bytes such as NUL, DEL, bytes of UTF-8 sequences)
+    special = np.flatnonzero(np.subtract(a, 32, dtype=np.uint8) > 94)
+    byte = a[special]
+    is_nl, is_tab = byte == 10, byte == 9
+    nl, tabs = special[is_nl], special[is_tab]
+    odd = special[~(is_nl | is_tab)]
     n = len(nl)
     starts = np.empty(n, np.int64)
     starts[0] = 0
@@ -229,14 +263,15 @@ def parse_block(block: bytes, table: MeterTable) -> Parsed:
     ends[has_cr] -= 1
 
     slow = np.zeros(n, dtype=bool)  # lines the fast checks could not pass
-    high = np.flatnonzero(a >= 128)
-    if len(high):
-        slow[np.searchsorted(nl, high)] = True
-    tabs = np.flatnonzero(a == 9)
+    if len(odd):
+        odd = odd[(padded[odd] != 13) | (padded[odd + 1] != 10)]  # a CRLF end is no odd byte
+        slow[np.searchsorted(nl, odd)] = True
+    if not len(table.meters):
+        slow[:] = True
     if (len(tabs) == 2 * n and (tabs[0::2] >= starts).all() and (tabs[1::2] < nl).all()):
         # the usual block: two tabs on every line (each line holds the two tabs at its
         # position, and there are no more)
-        cand = np.flatnonzero(~slow) if len(high) else np.arange(n)
+        cand = np.flatnonzero(~slow) if slow.any() else np.arange(n)
         t1 = tabs[2 * cand]
         t2 = tabs[2 * cand + 1]
     else:
@@ -264,7 +299,7 @@ def parse_block(block: bytes, table: MeterTable) -> Parsed:
     ts_us, ok = _fast_ts(padded, t1 + 1)
     meter, meter_ok = _fast_meter(padded, starts[cand], ip_len, table)
     ok &= meter_ok
-    value, value_ok = _fast_value(padded, t2 + 1, val_len)
+    value, value_ok = _fast_value(block, padded, t2 + 1, val_len)
     ok &= value_ok
     midx = np.where(meter_ok, meter, 0)
     ok &= (value >= table.lo[midx]) & (value <= table.hi[midx])
@@ -285,7 +320,7 @@ def parse_block(block: bytes, table: MeterTable) -> Parsed:
             line = block[starts[i] : nl[i]]
             result = parse_line(line, table)
             if isinstance(result, Reject):
-                rejects.append((line.rstrip(b"\r"), result))
+                rejects.append((line[:-1] if line.endswith(b"\r") else line, result))
                 reject_lines.append(i)
             else:
                 extra_m.append(result[0])
@@ -372,28 +407,26 @@ def _meter_by_unique(words: np.ndarray, table: MeterTable) -> tuple[np.ndarray, 
     return meter, meter >= 0
 
 
-def _fast_value(padded, start, length) -> tuple[np.ndarray, np.ndarray]:
-    width = int(length.max(initial=1))  # only as wide as the longest value here
-    if width > _EXACT_DIGITS + 1:
-        rows = _gather(padded, start, length, width)
-        ok = _VALUE_CHARS[rows].all(axis=1)
-        return _value_by_astype(rows, ok, np.flatnonzero(ok), np.zeros(len(ok)))
-    # Right-aligned rows (each value ends in the last column; a value has at least 29 bytes of
-    # its line before it, so ``start + length - width`` stays inside the block).
+def _fast_value(block: bytes, padded, start, length) -> tuple[np.ndarray, np.ndarray]:
+    """Each value as a float64, and whether it is a NUMBER alone (NaN where not, or unsure).
+    The usual value, a plain decimal (230.5, 7, .5, 7.) of at most 15 digits, is computed here
+    for all rows at once; other texts made of number characters (signs, exponents, more
+    digits) are checked against NUMBER and converted with float() one by one."""
+    # Right-aligned rows of the last `width` bytes of each value (a value has at least 29
+    # bytes of its line before it, so ``start + length - width`` stays inside the block).
+    width = min(int(length.max(initial=1)), _PLAIN_WIDTH)
     cols = np.arange(width)
     rows = _rows(padded, start + length - width, width)
     rows *= cols >= (width - length)[:, None]
-    ok = _VALUE_CHARS[rows].all(axis=1)
-    # The usual value, digits with at most one point (230.5, 7, .5, 7.): its digits as one
-    # integer of at most 15 digits over a power of ten. Both are exact in a float64, so the
-    # quotient is correctly rounded: exactly what float() gives.
+    # A plain decimal's digits as one integer of at most 15 digits over a power of ten: both
+    # are exact in a float64, so the quotient is correctly rounded: exactly what float() gives.
     d = rows - np.uint8(48)
     is_digit = d < 10
     is_point = rows == 46
     n_digits = is_digit.sum(axis=1)
     n_points = is_point.sum(axis=1)
-    simple = ok & (n_digits + n_points == length) & (n_points <= 1) & (n_digits > 0)
-    simple &= n_digits <= _EXACT_DIGITS
+    plain = ((n_digits + n_points == length) & (n_points <= 1) & (n_digits > 0)
+             & (n_digits <= _EXACT_DIGITS))  # (so every byte of the value is in the row)
     point = np.where(n_points > 0, is_point.argmax(axis=1), width)
     digits = np.where(is_digit, d, 0).astype(np.int64)
     weights = _POW10_INT[width - 1 - cols]
@@ -402,26 +435,13 @@ def _fast_value(padded, start, length) -> tuple[np.ndarray, np.ndarray]:
     frac = (digits * ~left) @ weights
     mant = np.where(n_points > 0, whole // 10 + frac, whole)
     value = mant / _POW10_F[np.where(n_points > 0, width - 1 - point, 0)]
-    other = np.flatnonzero(ok & ~simple)
-    if len(other):  # signs, exponents, odd texts
-        value = _value_by_astype(rows, ok, other, value)[0]
-        ok &= np.isfinite(value)
-    return value, ok
-
-
-def _value_by_astype(rows, ok, which, value) -> tuple[np.ndarray, np.ndarray]:
-    texts = np.ascontiguousarray(rows[which]).view(f"S{rows.shape[1]}").ravel()
-    texts = np.char.lstrip(texts, b"\0") if len(texts) else texts  # right-aligned rows
-    try:
-        value[which] = texts.astype(np.float64)
-    except ValueError:  # some odd text like "1e" or "1.2.3": find them one by one
-        value[which] = [_float_or_nan(t) for t in texts.tolist()]
-    ok &= np.isfinite(value)
-    return value, ok
-
-
-def _float_or_nan(text: bytes) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        return math.nan
+    other = np.flatnonzero(~plain)
+    if len(other):
+        value[other] = np.nan
+        other = other[_NUMBER_CHARS[rows[other]].all(axis=1)]  # worth a closer look
+        for i, s, n in zip(other.tolist(), start[other].tolist(), length[other].tolist(),
+                           strict=True):
+            text = block[s : s + n]
+            if _NUMBER_B.fullmatch(text):
+                value[i] = float(text)
+    return value, np.isfinite(value)

@@ -187,7 +187,8 @@ class Runtime:
             "pid": os.getpid(),
             "uptime_s": round((now or time.time()) - self._started, 1),
             "restarts": self.restarts,
-            "counters": dict(self.counters, gaps=gaps, repeats=repeats),
+            "counters": dict(self.counters, gaps=gaps, repeats=repeats,
+                             bad_messages=sum(s.bad for s in subs)),
             "gauges": self.gauges,
             # topics someone listens to (through the broker): who downstream is connected
             "subscribed": sorted(t.decode(errors="replace") for t in subscribed),

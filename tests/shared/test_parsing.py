@@ -177,7 +177,7 @@ def test_parse_block_agrees_with_parse_line_on_random_lines():
         for line in lines:
             result = parse_line(line, TABLE)
             if isinstance(result, Reject):
-                bad[(line.rstrip(b"\r"), result.reason)] += 1
+                bad[(line[:-1] if line.endswith(b"\r") else line, result.reason)] += 1
             else:
                 good[result] += 1
         fast_good = Counter(zip(got.meter.tolist(), got.ts_us.tolist(), got.value.tolist(),
@@ -190,10 +190,180 @@ def test_parse_block_agrees_with_parse_line_on_random_lines():
                                got.line.tolist(), strict=True):
             assert parse_line(lines[i], TABLE) == (m, ts, v)
         for (line, _), i in zip(got.rejects, got.reject_lines, strict=True):
-            assert lines[i].rstrip(b"\r") == line
+            assert lines[i] in (line, line + b"\r")
 
 
 def test_parse_block_empty_and_missing_final_newline():
     assert parse_block(b"", TABLE).count == 0
     parsed = parse_block(f"10.0.0.1\t{TS}\t1".encode(), TABLE)
     assert parsed.count == 1 and parsed.value.tolist() == [1.0]
+
+
+# --- issue #10 items 1 and 2: what an outside tester found, and more of the same kind ---
+
+WIDE = MeterTable([*TABLE.meters, config.Meter("wide", "V", -1e300, 1e300),
+                   config.Meter("x" * parsing.IP_WIDTH, "A", 0, 10),
+                   config.Meter("y" * (parsing.IP_WIDTH + 1), "A", 0, 10)])
+LONG_VALUE = b"wide\t" + TS.encode() + b"\t" + b"1" * 20  # a neighbour 20 bytes wide
+LONG_ID = b"x" * parsing.IP_WIDTH + b"\t" + TS.encode() + b"\t1"  # an id as wide as can be
+NEIGHBOURS = [b"10.0.0.1\t" + TS.encode() + b"\t5", b"10.0.0.1\t" + TS.encode() + b"\t33.938237",
+              LONG_VALUE, LONG_ID, b"garbage"]
+
+
+def verdict(line: bytes, table: MeterTable = WIDE):
+    """parse_line's verdict, checked to be parse_block's too: alone and beside each kind of
+    neighbour, before and after it."""
+    want = parse_line(line, table)
+    blocks = [[line]] + [[n, line] for n in NEIGHBOURS] + [[line, n] for n in NEIGHBOURS]
+    for block in blocks:
+        got = parse_block(b"\n".join(block) + b"\n", table)
+        i = block.index(line)
+        if isinstance(want, Reject):
+            assert (line[:-1] if line.endswith(b"\r") else line, want) in got.rejects, block
+            assert i in got.reject_lines
+        else:
+            row = got.line.tolist().index(i)
+            assert (got.meter[row], got.ts_us[row], got.value[row]) == want, block
+            assert str(got.value[row]) == str(want[2])  # -0.0 stays -0.0
+    return want.reason if isinstance(want, Reject) else want
+
+
+@pytest.mark.parametrize("line, expected", [
+    (b"10.0.0.1\x00\t" + TS.encode() + b"\t6", parsing.UNKNOWN_METER),
+    (b"10.0.0.1\x00\x00\t" + TS.encode() + b"\t6", parsing.UNKNOWN_METER),
+    (b"\x0010.0.0.1\t" + TS.encode() + b"\t6", parsing.UNKNOWN_METER),
+    (b"10.0.0.1\t" + TS.encode() + b"\t5\x00", parsing.VALUE),
+    (b"10.0.0.1\t" + TS.encode() + b"\t5\x00\x00", parsing.VALUE),
+    (b"10.0.0.1\t" + TS.encode() + b"\t\x005", parsing.VALUE),
+    (b"10.0.0.1\t" + TS.encode() + b"\t5\x005", parsing.VALUE),
+    (b"10.0.0.1\t" + TS.encode() + b"\x00\t5", parsing.TIMESTAMP),
+    (b"10.0.0.1\t" + TS.encode()[:-1] + b"\x00\t5", parsing.TIMESTAMP),
+    (b"x" * (parsing.IP_WIDTH - 1) + b"\x00\t" + TS.encode() + b"\t1", parsing.UNKNOWN_METER),
+    (b"wide\t" + TS.encode() + b"\t" + b"1" * 20 + b"\x00", parsing.VALUE),
+    (b"10.0.0.1\t" + TS.encode() + b"\t5\r\r", parsing.VALUE),  # only one CR ends a line
+    (b"10.0.0.1\t" + TS.encode() + b"\t5\r\x00", parsing.VALUE),
+    (b"10.0.0.1\t" + TS.encode() + b"\t5\x7f", parsing.VALUE),
+    (b"10.0.0.1\t" + TS.encode() + b"\t5\x1b", parsing.VALUE),
+])
+def test_nul_and_control_bytes_are_never_padding(line, expected):
+    assert verdict(line) == expected
+
+
+ARABIC_TS = "٢٠٢٤.٠٤.٢٧ ١٤:٢٣:٥٥.١٢٣٤٥٦"  # Arabic-Indic digits
+
+
+@pytest.mark.parametrize("ts, value, expected", [
+    (ARABIC_TS, "5", parsing.TIMESTAMP),
+    (TS[:-1] + "٦", "5", parsing.TIMESTAMP),
+    ("２０２４.04.27 14:23:55.123456", "5", parsing.TIMESTAMP),  # fullwidth
+    (TS, "１５", parsing.VALUE),  # fullwidth 15
+    (TS, "٥", parsing.VALUE),
+    (TS, "1٥", parsing.VALUE),
+    (TS, "1.٥", parsing.VALUE),
+    (TS, "5e٢", parsing.VALUE),
+    (TS, "۵", parsing.VALUE),  # Extended Arabic-Indic
+    (TS, "५", parsing.VALUE),  # Devanagari
+    (TS, "5²", parsing.VALUE),  # a superscript is no unit
+    (TS, "⁵", parsing.VALUE),
+    (TS, "\u00a05", parsing.VALUE),  # no-break space
+    (TS, "5\u2003V", parsing.VALUE),  # em space
+    (TS, "5\u3000", parsing.VALUE),  # ideographic space
+    (TS, "5\x85", parsing.VALUE),  # NEL
+    (TS, "5\x0b", parsing.VALUE),
+    (TS, "5\x0c", parsing.VALUE),
+    (TS, "\x1c5", parsing.VALUE),  # str.strip() removes it, and float() accepts it
+    (TS, "5\u200b", parsing.VALUE),  # zero-width space
+    (TS, "5ᲀ", parsing.WRONG_UNIT),  # rounded ve, whose upper() is Cyrillic В
+    (TS, "5 Ｖ", parsing.WRONG_UNIT),  # fullwidth V: letters, but no unit we know
+])
+def test_only_ascii_digits_and_spaces(ts, value, expected):
+    assert verdict(f"10.0.0.1\t{ts}\t{value}".encode()) == expected
+
+
+@pytest.mark.parametrize("value", ["5", " 5", "5 ", "  5  ", "5 V", "5V", " 5 v ", "5 volt",
+                                   "5 VOLT", "5В", "5 в ", "+5", "-0", "5e0", "50E-1", ".5e1"])
+def test_ascii_spaces_around_number_and_unit(value):
+    idx, ts, number = verdict(f"10.0.0.1\t{TS}\t{value}".encode())
+    assert (idx, ts) == (0, TS_US) and number == float(value.strip(" VvOoLlTtВв"))
+
+
+@pytest.mark.parametrize("number", [
+    "1.23456789012345", "1.234567890123456", "123456789012345", "1234567890123456",
+    "12345678901234567", "0.000000000000001", "0.0000000000000001", "9007199254740993",
+    "000000000000005.5", "5.5000000000000000000", "1" * 31, "1" * 32, "1" * 33,
+    "0" * 30 + ".5", "0" * 31 + "5", "5." + "0" * 30, "+" + "1" * 31, "-1e-5", "1e300",
+    "-0.0", "+.5e-0", "1.7976931348623157e299",
+])
+def test_long_values_signs_exponents_exactly_as_float(number):
+    result = verdict(f"wide\t{TS}\t{number}".encode())
+    assert result[2] == float(number) and str(result[2]) == str(float(number))
+
+
+@pytest.mark.parametrize("ip", ["x" * parsing.IP_WIDTH, "y" * (parsing.IP_WIDTH + 1)])
+def test_ids_around_the_fast_path_width(ip):
+    assert TABLE.meters[0].ip == "10.0.0.1"
+    assert WIDE.meters[verdict(f"{ip}\t{TS}\t5".encode())[0]].ip == ip
+    assert verdict(f"{ip[:-1]}\t{TS}\t5".encode()) == parsing.UNKNOWN_METER
+    assert verdict(f"{ip}x\t{TS}\t5".encode()) == parsing.UNKNOWN_METER
+
+
+def test_a_line_keeps_its_verdict_whatever_the_width_of_its_neighbours():
+    # the old fast path stored "54\x00" as 54 alone, and rejected it beside wider values
+    line = b"10.0.0.1\t" + TS.encode() + b"\t54\x00"
+    assert parse_block(line + b"\n", TABLE).rejects[0][1].reason == parsing.VALUE
+    block = [line, b"10.0.0.1\t" + TS.encode() + b"\t33.938237",
+             b"10.0.0.1\t" + TS.encode() + b"\t65.250"]
+    got = parse_block(b"\n".join(block) + b"\n", TABLE)
+    assert got.reject_lines == [0] and sorted(got.line.tolist()) == [1, 2]
+
+
+def test_rejected_line_keeps_all_but_its_crlf_end():
+    got = parse_block(b"junk\r\r\nmore junk\r\n", TABLE)
+    assert [line for line, _ in got.rejects] == [b"junk\r", b"more junk"]
+
+
+BASES = [f"10.0.0.1\t{TS}\t230.5", f"10.0.0.3\t{TS}\t0.5 A", f"wide\t{TS}\t-1.5e3",
+         f"{'x' * parsing.IP_WIDTH}\t{TS}\t7"]
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_every_byte_inserted_or_replaced_anywhere(base):
+    """Every single-byte insertion and replacement (0..255) at every position of a valid
+    line: parse_block agrees with parse_line on each, in one block of all of them."""
+    line = base.encode()
+    variants = []
+    for pos in range(len(line) + 1):
+        for b in range(256):
+            if b != 10:
+                variants.append(line[:pos] + bytes([b]) + line[pos:])
+                variants.append(line[:pos] + bytes([b]) + line[pos + 1:])
+    rng = random.Random(base)
+    rng.shuffle(variants)
+    got = parse_block(b"\n".join(variants) + b"\n", WIDE)
+    verdicts = {}
+    for m, ts, v, i in zip(got.meter.tolist(), got.ts_us.tolist(), got.value.tolist(),
+                           got.line.tolist(), strict=True):
+        verdicts[i] = (m, ts, v)
+    for (_, r), i in zip(got.rejects, got.reject_lines, strict=True):
+        verdicts[i] = r
+    assert len(verdicts) == len(variants)
+    for i, variant in enumerate(variants):
+        assert verdicts[i] == parse_line(variant, WIDE), variant
+
+
+def test_every_short_value():
+    """Every VALUE of up to 3 characters from an alphabet of the interesting ones (and up to
+    4 from a smaller one), each in a line of the wide meter: both parsers agree."""
+    values = [""]
+    for alphabet, longest in (("05.eE+- V\x00\r٥_\x0b", 3), ("05.e+-", 4)):
+        level = [""]
+        for _ in range(longest):
+            level = [v + c for v in level for c in alphabet]
+            values += level
+    lines = [f"wide\t{TS}\t{v}".encode() for v in values]
+    got = parse_block(b"\n".join(lines) + b"\n", WIDE)
+    fast = dict(zip(got.line.tolist(), zip(got.meter.tolist(), got.ts_us.tolist(),
+                                           got.value.tolist(), strict=True), strict=True))
+    fast.update((i, r) for (_, r), i in zip(got.rejects, got.reject_lines, strict=True))
+    assert [fast[i] for i in range(len(lines))] == [parse_line(ln, WIDE) for ln in lines]
+    assert sum(1 for v in fast.values() if not isinstance(v, Reject)) > 250  # many accepted
