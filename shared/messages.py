@@ -47,7 +47,8 @@ _HEADER_MAX = 32  # an array's msgpack header: [dtype, count]
 # the plotter turns into dates); "str", "bytes", "num" (int or float), "seq" (int in
 # [0, 2**63)), "line" (bytes ending in a newline): lists of that.
 SCHEMA: dict[bytes, dict[str, str]] = {
-    b"raw": {"peer": "str", "t_recv": "f8", "data": "line"},  # + base, too_long (optional)
+    # + base; rejected (RAW_REJECTED); sender, line_no (the acknowledged mode): optional
+    b"raw": {"peer": "str", "t_recv": "f8", "data": "line"},
     b"reading": {"meter": "S", "unit": "S", "ts_us": "ts", "value": "f8", "t_recv": "f8"},
     b"rejected": {"line": "bytes", "reason": "str", "message": "str", "peer": "str",
                   "t_recv": "f8"},
@@ -55,7 +56,12 @@ SCHEMA: dict[bytes, dict[str, str]] = {
                "v_meter": "S", "a_meter": "S", "t_recv": "f8"},
     b"ack": {"source": "str", "seq": "seq"},
 }
-RAW_TOO_LONG = {"line": "bytes", "message": "str", "peer": "str", "t_recv": "num"}
+# raw's optional per-chunk columns: a sender id or None, the lines' numbers or None
+RAW_ACKED = {"sender": "str?", "line_no": "i8?"}
+# raw's lines ingest's framing rejected (line_too_long, truncated)
+RAW_REJECTED = {"line": "bytes", "reason": "str", "message": "str", "peer": "str",
+                "t_recv": "f8"}
+RAW_REJECTED_ACKED = {"sender": "str?", "line_no": "seq?"}
 STATS = {"service": str, "id": str, "pid": int, "uptime_s": (int, float), "counters": dict,
          "gauges": dict, "subscribed": list}
 
@@ -150,13 +156,29 @@ def decode(topic: bytes, body: bytes) -> Message:
 
 
 def _check_records(name: str, data: Any, topic: bytes) -> None:
-    _columns(name, data, SCHEMA[topic], optional=("base", "too_long") if topic == b"raw" else ())
-    if topic == b"raw":
-        base = data.get("base", 0)
-        if type(base) is not int or not 0 <= base < SEQ_END:
-            raise MessageError(f"{name}: base {base!r:.40} is not a sequence number")
-        if "too_long" in data:
-            _columns(f"{name}.too_long", data["too_long"], RAW_TOO_LONG)
+    """A record topic's columns; numbered batches on the work queue (raw, power) also carry
+    ``base`` (every batch of the stream below it is applied), power its ``progress``
+    (circuit -> checkpoint), raw its framing's ``rejected`` lines and the acknowledged mode's
+    ``sender`` and ``line_no`` per chunk."""
+    if type(data) is not dict:
+        raise MessageError(f"{name}: data is {type(data).__name__}, not a map of columns")
+    optional = {b"raw": ("base", "rejected"), b"power": ("base", "progress")}.get(topic, ())
+    columns = dict(SCHEMA[topic], **(RAW_ACKED if topic == b"raw" and "sender" in data
+                                     else {}))
+    _columns(name, data, columns, optional=optional)
+    if type(data.get("base", 0)) is not int or not 0 <= data.get("base", 0) < SEQ_END:
+        raise MessageError(f"{name}: base {data['base']!r:.40} is not a sequence number")
+    if "rejected" in data:
+        rejected = data["rejected"]
+        acked = type(rejected) is dict and "sender" in rejected
+        _columns(f"{name}.rejected", rejected,
+                 dict(RAW_REJECTED, **(RAW_REJECTED_ACKED if acked else {})))
+    if "progress" in data:
+        progress = data["progress"]
+        if type(progress) is not dict or not all(
+                type(k) is str and type(v) is int and -SEQ_END < v < SEQ_END
+                for k, v in progress.items()):
+            raise MessageError(f"{name}: progress is not a map of circuits to times")
 
 
 def _columns(name: str, data: Any, columns: dict[str, str], optional: tuple = ()) -> None:
@@ -194,6 +216,13 @@ def _column_length(col: Any, kind: str) -> int | None:
         return None
     if type(col) is not list:
         return None
+    if kind == "i8?":  # per chunk: an array of numbers, or None
+        ok = all(x is None or (isinstance(x, np.ndarray) and x.dtype.str == "<i8")
+                 for x in col)
+        return len(col) if ok else None
+    if kind.endswith("?"):  # items of the kind, or None
+        items = [x for x in col if x is not None]
+        return len(col) if _column_length(items, kind[:-1]) is not None else None
     if kind in _LIST_ITEMS and all(type(x) in _LIST_ITEMS[kind] for x in col):
         if kind == "seq" and not all(0 <= x < SEQ_END for x in col):
             return None

@@ -76,8 +76,9 @@ def garbage(topic: bytes, rng: random.Random) -> list[list[bytes]]:
     if topic == topics.RAW:  # fields that would reach SQLite or the line mapping
         out += [[topic, packed(dict(good, base=2**64 - 1), seq=2**64 - 1)],
                 [topic, packed(dict(good, data=[b"10.0.0.1\tx\t1"]))],  # no newline
-                [topic, packed(dict(good, too_long={"line": [b"x"], "message": [1],
-                                                    "peer": ["p"], "t_recv": [1.0]}))]]
+                [topic, packed(dict(good, rejected={"line": [b"x"], "reason": ["r"],
+                                                    "message": [1], "peer": ["p"],
+                                                    "t_recv": np.ones(1)}))]]
     if topic in (topics.READING, topics.POWER):  # names consumers decode, times they draw
         name = "meter" if topic == topics.READING else "circuit"
         out.append([topic, packed(dict(good, **{name: np.array([b"\xff\xfe"])}))])

@@ -22,8 +22,11 @@ def valid_data(topic: bytes, n: int = 3) -> dict | list:
     if topic == topics.RAW:
         return {"peer": ["127.0.0.1:5000"] * n, "t_recv": np.arange(n, dtype=F8),
                 "data": [b"10.0.0.1\t2024.01.01 00:00:00.000000\t5\n"] * n, "base": 0,
-                "too_long": {"line": [b"x" * 20], "message": ["too long"],
-                             "peer": ["127.0.0.1:5000"], "t_recv": [1.5]}}
+                "sender": ["sim-1"] + [None] * (n - 1),
+                "line_no": [np.array([7], I8)] + [None] * (n - 1),
+                "rejected": {"line": [b"x" * 20], "reason": ["line_too_long"],
+                             "message": ["too long"], "peer": ["127.0.0.1:5000"],
+                             "t_recv": np.array([1.5]), "sender": [None], "line_no": [None]}}
     if topic == topics.READING:
         return {"meter": np.array([b"10.0.0.1"] * n, "S"), "unit": np.array([b"V"] * n, "S"),
                 "ts_us": np.arange(n, dtype=I8), "value": np.ones(n), "t_recv": np.ones(n)}
@@ -88,7 +91,9 @@ def assert_documented_shape(msg: messages.Message) -> None:
         assert column_ok(data[key], kind), (key, data[key])
         lengths.add(len(data[key]))
     for key, col in data.items():  # further columns: columns all the same
-        if key not in DOCUMENTED[msg.topic] and key not in ("base", "too_long"):
+        if key in ("sender", "line_no") and msg.topic == topics.RAW:
+            lengths.add(len(col))  # per chunk (the acknowledged mode)
+        elif key not in DOCUMENTED[msg.topic] and key not in ("base", "rejected", "progress"):
             assert isinstance(col, np.ndarray) or (
                 type(col) is list and all(type(x) in SCALARS for x in col))
             lengths.add(len(col))
@@ -102,11 +107,12 @@ def assert_documented_shape(msg: messages.Message) -> None:
     if msg.topic == topics.RAW:
         assert all(chunk.endswith(b"\n") for chunk in data["data"])
         assert type(data.get("base", 0)) is int and 0 <= data.get("base", 0) < 2**63
-        if "too_long" in data:
-            tl = data["too_long"]
+        if "rejected" in data:
+            tl = data["rejected"]
             assert column_ok(tl["line"], "bytes") and column_ok(tl["message"], "str")
-            assert column_ok(tl["peer"], "str") and column_ok(tl["t_recv"], "num")
-            assert len({len(tl[k]) for k in ("line", "message", "peer", "t_recv")}) == 1
+            assert column_ok(tl["peer"], "str") and column_ok(tl["reason"], "str")
+            assert isinstance(tl["t_recv"], np.ndarray)
+            assert len({len(tl[k]) for k in tl}) == 1
 
 
 def decodes_or_refuses(topic: bytes, body: bytes) -> messages.Message | None:
@@ -137,10 +143,11 @@ def test_what_ingest_journals_decodes_as_raw():
     """A journal file: raw without ``base`` (added when sent), t 0.0, empty columns, and
     over-long lines only."""
     data = {"peer": [], "t_recv": np.array([], dtype=F8), "data": [],
-            "too_long": {"line": [b"x" * 200], "message": ["line of 2000 bytes"],
-                         "peer": ["127.0.0.1:1"], "t_recv": [1700000000.5]}}
+            "rejected": {"line": [b"x" * 200], "reason": ["line_too_long"],
+                         "message": ["line of 2000 bytes"], "peer": ["127.0.0.1:1"],
+                         "t_recv": np.array([1700000000.5])}}
     msg = decodes_or_refuses(topics.RAW, messages.encode("ingest-h-1234abcd", 0, 0.0, data))
-    assert msg is not None and msg.data["too_long"]["line"] == [b"x" * 200]
+    assert msg is not None and msg.data["rejected"]["line"] == [b"x" * 200]
 
 
 def test_big_endian_arrays_arrive_little_endian_with_same_values():
@@ -215,10 +222,14 @@ GARBAGE = {
     "raw columns unequal": (topics.RAW, body(dict(valid_data(topics.RAW, 2), peer=["p"]))),
     "raw base a str": (topics.RAW, body(dict(valid_data(topics.RAW), base="0"))),
     "raw base huge": (topics.RAW, body(dict(valid_data(topics.RAW), base=2**64 - 1))),
-    "raw too_long a list": (topics.RAW, body(dict(valid_data(topics.RAW), too_long=[1]))),
-    "raw too_long unequal": (topics.RAW, body(dict(
-        valid_data(topics.RAW), too_long={"line": [b"x"], "message": [], "peer": ["p"],
-                                          "t_recv": [1.0]}))),
+    "raw rejected a list": (topics.RAW, body(dict(valid_data(topics.RAW), rejected=[1]))),
+    "raw rejected unequal": (topics.RAW, body(dict(
+        valid_data(topics.RAW), rejected={"line": [b"x"], "reason": ["r"], "message": [],
+                                          "peer": ["p"], "t_recv": np.ones(1)}))),
+    "raw line_no a list of ints": (topics.RAW, body(dict(valid_data(topics.RAW, 1),
+                                                         sender=["s"], line_no=[[1]]))),
+    "power progress a list": (topics.POWER, body(dict(valid_data(topics.POWER),
+                                                      progress=[1]))),
     "raw without data": (topics.RAW, body({"peer": [], "t_recv": np.zeros(0)})),
     "reading columns unequal": (topics.READING, body(reading_with(value=np.ones(3)))),
     "reading value a list": (topics.READING, body(reading_with(value=[1.0, 2.0]))),
