@@ -24,18 +24,21 @@ readings (meter, ts_us, value) and of ``max_time_diff`` D (microseconds) alone:
 Where it differs from what came before
 --------------------------------------
 * The original program paired its latest voltage reading with the current reading nearest to
-  it in time, on either side, within 0.5 s. The as-of join looks backward only: the pair
-  (V at s, A at s' > s) is the point at s' (A's time), and only when no newer V reading lies in
-  (s, s']; the nearest-on-either-side rule could pair A with an older V although a newer one
-  was as near or nearer.
+  it in time, on either side, within 0.5 s, so a V reading could take a *later* A reading as
+  partner although an earlier one was within 0.5 s. The as-of join never looks forward: each
+  reading's partner is the other meter's latest reading at or before it. A V at s and an A at
+  s' > s still pair, as the point at s' (A's time), when no other V reading lies in (s, s'].
+  Where both meters read at the same instants (the simulated set-up), a V reading's nearest A
+  is the one at its own instant, and both rules pair the same readings.
 * ``pairing.py`` (today's service) keeps each meter's latest reading in arrival order. With
   arrival in time order across both meters it gives the same points except where v and a read
   at the same instant t: it emits two points at t (the first-arriving reading with the
-  partner's previous reading, then the pair at t), the as-of join one (the pair at t). So with
-  in-order arrival the join gives exactly one point per distinct timestamp of the two meters
-  that has a partner within D. Beyond that, ``pairing.py`` drops readings older than the one
-  held (out-of-order and late readings get no power), keeps the *first* of equal timestamps,
-  and when a meter's reading arrives after a newer partner reading it pairs it forward.
+  partner's previous reading, then the pair at t), the as-of join one (the pair at t, which is
+  pairing.py's last value at that key). So with in-order arrival the join gives at most one
+  point per distinct timestamp of the two meters. Beyond that, ``pairing.py`` drops readings
+  older than the one held (out-of-order and late readings get no power), keeps the *first* of
+  equal timestamps within a meter, and when a reading arrives after a newer partner reading it
+  pairs it forward (the point at the partner's time, with a reading that is not its as-of).
 
 Computing it
 ------------
@@ -48,15 +51,17 @@ as-of partner of t <= t1.
 
 ``Stream`` is the in-memory operator. Per meter m it holds every reading with ts >=
 ``coverage_start(m)`` that it was fed or loaded (a sorted array, at most ``max_per_meter``
-long), so it knows V(t) or A(t) exactly for t >= coverage_start. A new reading r of m at s
-changes only the points at t in [s, next(s)) where next(s) is m's next reading after s (there
-V(t) or A(t) becomes r); and since r is V(t)/A(t) only for t - s <= D, the affected range is
-[s, min(next(s), s + D + 1)), which is also the whole range when next(s) is unknown. The
-points in that range are computed from memory when s >= coverage_start(m) and the partner p's
-as-of is known for every t >= s: memory holds a reading of p at or before s, or
-s - D >= coverage_start(p) (then a reading of p older than its coverage is more than D before
-t and makes no point). Otherwise the stream returns the range as ``Late`` work for the service
-to answer from storage.
+long), so it knows m's as-of exactly for every t from its first reading held on, and for t
+before that only that it is older than coverage_start. A new reading r of m at s changes only
+the points at t in [s, next(s)) where next(s) is m's next reading after s (there V(t) or A(t)
+becomes r; before s nothing changes, from next(s) on V(t)/A(t) is next(s) or newer); and since
+r makes a point only for t - s <= D, the affected range is [s, min(next(s), s + D + 1)). When
+m's memory does not reach back to s, next(s) is unknown and [s, s + D] is the range: a
+superset, whose extra points are recomputed unchanged. The points in that range are
+computed from memory when s >= coverage_start(m) and the partner p's as-of is known for every
+t >= s: memory holds a reading of p at or before s, or s - D >= coverage_start(p) (then a
+reading of p older than its coverage is more than D before t and makes no point). Otherwise
+the stream returns the range as ``Late`` work for the service to answer from storage.
 """
 
 from __future__ import annotations
@@ -169,8 +174,8 @@ class Stream:
     newest(m) - lateness_us - D are dropped except the latest one at or before the cutoff (the
     as-of partner of the times after it), and at most ``max_per_meter`` readings are kept;
     coverage_start moves up to the oldest reading kept. A reading within the lateness of both
-    of a circuit's meters' newest readings is therefore computed in memory; older ones come
-    back as Late work.
+    of a circuit's meters' newest readings is therefore computed in memory (unless the cap
+    shrank memory); older ones come back as Late work.
 
     ``start_us``: every meter's coverage at construction; the default assumes no readings exist
     but those fed. A service that resumes over stored readings calls ``load`` per meter.
@@ -222,13 +227,14 @@ class Stream:
         points at the new timestamps."""
         meter = np.asarray(meter)
         if meter.dtype.kind == "U":
-            meter = meter.astype("S")
+            meter = np.array([m.encode() for m in meter.tolist()], "S")
         ts, val = _columns(ts_us, value, "batch")
         if meter.dtype.kind != "S" or meter.shape != ts.shape:
             raise ValueError("meter: expected a bytes column as long as ts_us and value")
         self.readings_in += len(ts)
-        # meter -> (ts of the readings that changed memory, end of the range they decide)
-        changed: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
+        # meter -> (ts of the readings that changed memory, end of the range each decides,
+        # whether all are newer than what the meter held before)
+        changed: dict[bytes, tuple[np.ndarray, np.ndarray, bool]] = {}
         outside: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}  # older than its coverage
         for name, idx in _group(meter):
             s = self.series.get(name)
@@ -541,6 +547,7 @@ def _group(meter: np.ndarray) -> list[tuple[bytes, np.ndarray]]:
     n, width = len(meter), meter.dtype.itemsize
     if not n:
         return []
+    meter = np.ascontiguousarray(meter)
     words = np.zeros((n, -(-width // 8) * 8), np.uint8)
     words[:, :width] = meter.view(np.uint8).reshape(n, width)
     words = words.view(np.uint64)
