@@ -24,18 +24,21 @@ readings (meter, ts_us, value) and of ``max_time_diff`` D (microseconds) alone:
 Where it differs from what came before
 --------------------------------------
 * The original program paired its latest voltage reading with the current reading nearest to
-  it in time, on either side, within 0.5 s. The as-of join looks backward only: the pair
-  (V at s, A at s' > s) is the point at s' (A's time), and only when no newer V reading lies in
-  (s, s']; the nearest-on-either-side rule could pair A with an older V although a newer one
-  was as near or nearer.
+  it in time, on either side, within 0.5 s, so a V reading could take a *later* A reading as
+  partner although an earlier one was within 0.5 s. The as-of join never looks forward: each
+  reading's partner is the other meter's latest reading at or before it. A V at s and an A at
+  s' > s still pair, as the point at s' (A's time), when no other V reading lies in (s, s'].
+  Where both meters read at the same instants (the simulated set-up), a V reading's nearest A
+  is the one at its own instant, and both rules pair the same readings.
 * ``pairing.py`` (today's service) keeps each meter's latest reading in arrival order. With
   arrival in time order across both meters it gives the same points except where v and a read
   at the same instant t: it emits two points at t (the first-arriving reading with the
-  partner's previous reading, then the pair at t), the as-of join one (the pair at t). So with
-  in-order arrival the join gives exactly one point per distinct timestamp of the two meters
-  that has a partner within D. Beyond that, ``pairing.py`` drops readings older than the one
-  held (out-of-order and late readings get no power), keeps the *first* of equal timestamps,
-  and when a meter's reading arrives after a newer partner reading it pairs it forward.
+  partner's previous reading, then the pair at t), the as-of join one (the pair at t, which is
+  pairing.py's last value at that key). So with in-order arrival the join gives at most one
+  point per distinct timestamp of the two meters. Beyond that, ``pairing.py`` drops readings
+  older than the one held (out-of-order and late readings get no power), keeps the *first* of
+  equal timestamps within a meter, and when a reading arrives after a newer partner reading it
+  pairs it forward (the point at the partner's time, with a reading that is not its as-of).
 
 Computing it
 ------------
@@ -48,15 +51,17 @@ as-of partner of t <= t1.
 
 ``Stream`` is the in-memory operator. Per meter m it holds every reading with ts >=
 ``coverage_start(m)`` that it was fed or loaded (a sorted array, at most ``max_per_meter``
-long), so it knows V(t) or A(t) exactly for t >= coverage_start. A new reading r of m at s
-changes only the points at t in [s, next(s)) where next(s) is m's next reading after s (there
-V(t) or A(t) becomes r); and since r is V(t)/A(t) only for t - s <= D, the affected range is
-[s, min(next(s), s + D + 1)), which is also the whole range when next(s) is unknown. The
-points in that range are computed from memory when s >= coverage_start(m) and the partner p's
-as-of is known for every t >= s: memory holds a reading of p at or before s, or
-s - D >= coverage_start(p) (then a reading of p older than its coverage is more than D before
-t and makes no point). Otherwise the stream returns the range as ``Late`` work for the service
-to answer from storage.
+long), so it knows m's as-of exactly for every t from its first reading held on, and for t
+before that only that it is older than coverage_start. A new reading r of m at s changes only
+the points at t in [s, next(s)) where next(s) is m's next reading after s (there V(t) or A(t)
+becomes r; before s nothing changes, from next(s) on V(t)/A(t) is next(s) or newer); and since
+r makes a point only for t - s <= D, the affected range is [s, min(next(s), s + D + 1)). When
+m's memory does not reach back to s, next(s) is unknown and [s, s + D] is the range: a
+superset, whose extra points are recomputed unchanged. The points in that range are
+computed from memory when s >= coverage_start(m) and the partner p's as-of is known for every
+t >= s: memory holds a reading of p at or before s, or s - D >= coverage_start(p) (then a
+reading of p older than its coverage is more than D before t and makes no point). Otherwise
+the stream returns the range as ``Late`` work for the service to answer from storage.
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ I8_MIN = int(np.iinfo(np.int64).min)
 I8_MAX = int(np.iinfo(np.int64).max)
 _I8 = np.empty(0, np.int64)
 _F8 = np.empty(0, np.float64)
+_NONE = (_I8, _I8, True)
 
 
 def reference_points(readings: Iterable[tuple[str, int, float]], circuits: Iterable[Circuit],
@@ -112,7 +118,8 @@ def _points_in_ranges(v_ts, v_val, a_ts, a_val, starts: np.ndarray, ends: np.nda
     """points_in_range for the t in any of the ranges [starts, ends] (inclusive)."""
     vt, vv = _dedupe(*_columns(v_ts, v_val, "v"))
     at, av = _dedupe(*_columns(a_ts, a_val, "a"))
-    t = np.union1d(_within(vt, starts, ends + 1), _within(at, starts, ends + 1))
+    t = _sorted_unique(np.concatenate((_within(vt, starts, ends + 1),
+                                       _within(at, starts, ends + 1))))
     t, volts, amps = _asof(vt, vv, at, av, t, max_time_diff_us)
     return {"ts_us": t, "watts": volts * amps, "volts": volts, "amps": amps}
 
@@ -167,8 +174,8 @@ class Stream:
     newest(m) - lateness_us - D are dropped except the latest one at or before the cutoff (the
     as-of partner of the times after it), and at most ``max_per_meter`` readings are kept;
     coverage_start moves up to the oldest reading kept. A reading within the lateness of both
-    of a circuit's meters' newest readings is therefore computed in memory; older ones come
-    back as Late work.
+    of a circuit's meters' newest readings is therefore computed in memory (unless the cap
+    shrank memory); older ones come back as Late work.
 
     ``start_us``: every meter's coverage at construction; the default assumes no readings exist
     but those fed. A service that resumes over stored readings calls ``load`` per meter.
@@ -220,12 +227,14 @@ class Stream:
         points at the new timestamps."""
         meter = np.asarray(meter)
         if meter.dtype.kind == "U":
-            meter = meter.astype("S")
+            meter = np.array([m.encode() for m in meter.tolist()], "S")
         ts, val = _columns(ts_us, value, "batch")
         if meter.dtype.kind != "S" or meter.shape != ts.shape:
             raise ValueError("meter: expected a bytes column as long as ts_us and value")
         self.readings_in += len(ts)
-        changed: dict[bytes, np.ndarray] = {}  # meter -> ts of readings that changed memory
+        # meter -> (ts of the readings that changed memory, end of the range each decides,
+        # whether all are newer than what the meter held before)
+        changed: dict[bytes, tuple[np.ndarray, np.ndarray, bool]] = {}
         outside: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}  # older than its coverage
         for name, idx in _group(meter):
             s = self.series.get(name)
@@ -237,7 +246,13 @@ class Stream:
             if k:
                 outside[name] = (t[:k], v[:k])
             if k < len(t):
-                changed[name] = s.merge(t[k:], v[k:])
+                newest = s.newest
+                c = s.merge(t[k:], v[k:])
+                if len(c) and c[0] > newest:  # in order: all after what was held
+                    end = np.minimum(np.r_[c[1:], I8_MAX], c + (self.max_diff + 1))
+                    changed[name] = (c, end, True)
+                elif len(c):
+                    changed[name] = (c, _affected_end(s.view()[0], c, self.max_diff), False)
         touched = sorted({i for m in (*changed, *outside) for i in self._roles[m]})
         parts, late = [], []
         for ci in touched:
@@ -251,24 +266,26 @@ class Stream:
         D = self.max_diff
         v, a = self._cv[ci], self._ca[ci]
         sv, sa = self.series[v], self.series[a]
-        cv, ca = changed.get(v, _I8), changed.get(a, _I8)
+        cv, ev, v_after = changed.get(v, _NONE)
+        ca, ea, a_after = changed.get(a, _NONE)
         # from memory when the partner's as-of is known from the reading's time on
         mv, ma = cv >= sa.reach(D), ca >= sv.reach(D)
         starts, ends = [], []
+        in_order = v_after and a_after and mv.all() and ma.all()
         if not mv.all():
             starts.append(cv[~mv])
-            ends.append(_affected_end(sv.view()[0], cv[~mv], D) - 1)
-            cv = cv[mv]
+            ends.append(ev[~mv] - 1)
+            cv, ev = cv[mv], ev[mv]
         if not ma.all():
             starts.append(ca[~ma])
-            ends.append(_affected_end(sa.view()[0], ca[~ma], D) - 1)
-            ca = ca[ma]
+            ends.append(ea[~ma] - 1)
+            ca, ea = ca[ma], ea[ma]
         for m in (v, a):
             if m in outside:  # its next reading is unknown: up to s + D
                 starts.append(outside[m][0])
                 ends.append(outside[m][0] + D)
         if len(cv) or len(ca):
-            t, volts, amps = _stream_points(sv, sa, cv, ca, D)
+            t, volts, amps = _stream_points(sv, sa, cv, ev, ca, ea, D, in_order)
             if len(t):
                 parts.append((np.full(len(t), ci), t, volts, amps))
         if starts:
@@ -370,6 +387,10 @@ class _Series:
         first = int(self.ts[self.lo]) if self.hi > self.lo else I8_MAX
         return min(first, _clip(self.coverage + D))
 
+    @property
+    def newest(self) -> int:
+        return int(self.ts[self.hi - 1]) if self.hi > self.lo else I8_MIN
+
     def between(self, t0: int, t1: int) -> tuple[np.ndarray, np.ndarray]:
         """Copies of the readings held with t0 <= ts <= t1."""
         t, v = self.view()
@@ -439,21 +460,32 @@ class _Series:
             self._realloc(n - start)  # give back what a burst made us allocate
 
 
-def _stream_points(sv: _Series, sa: _Series, cv: np.ndarray, ca: np.ndarray, D: int):
-    """Points of one circuit at every t of T in the affected ranges of the changed readings
-    cv (of v) and ca (of a), from memory."""
+def _stream_points(sv: _Series, sa: _Series, cv, ev, ca, ea, D: int, in_order: bool):
+    """Points of one circuit at every t of T in the affected ranges [cv, ev) of the changed
+    readings of v and [ca, ea) of a, from memory. in_order: the changed readings of each meter
+    are all newer than those it held before."""
     vt, vv = sv.view()
     at, av = sa.view()
+    low = min(int(x[0]) for x in (cv, ca) if len(x))
     # nothing before the earliest change - D can decide a point in its range (see module doc)
-    low = min(int(x[0]) for x in (cv, ca) if len(x)) - D
-    i, j = int(np.searchsorted(vt, low, "left")), int(np.searchsorted(at, low, "left"))
+    i, j = int(np.searchsorted(vt, low - D, "left")), int(np.searchsorted(at, low - D, "left"))
     vt, vv, at, av = vt[i:], vv[i:], at[j:], av[j:]
-    ev = _affected_end(vt, cv, D)
-    ea = _affected_end(at, ca, D)
+    if in_order:  # V(t) or A(t) is a new reading for every t >= low, and for no t before
+        i, j = int(np.searchsorted(vt, low, "left")), int(np.searchsorted(at, low, "left"))
+        return _asof(vt, vv, at, av, _sorted_unique(np.concatenate((vt[i:], at[j:]))), D)
     # a meter's own timestamps in its ranges are just the changed ones (a range ends at the
     # meter's next reading); the partner's may be several
-    t = np.unique(np.concatenate((cv, ca, _within(at, cv, ev), _within(vt, ca, ea))))
+    t = _sorted_unique(np.concatenate((cv, ca, _within(at, cv, ev), _within(vt, ca, ea))))
     return _asof(vt, vv, at, av, t, D)
+
+
+def _sorted_unique(t: np.ndarray) -> np.ndarray:
+    """np.unique for int64 (which hashes in NumPy 2.x, several times slower here)."""
+    t.sort()
+    keep = np.empty(len(t), bool)
+    keep[:1] = True
+    np.not_equal(t[1:], t[:-1], out=keep[1:])
+    return t[keep]
 
 
 def _affected_end(t: np.ndarray, s: np.ndarray, D: int) -> np.ndarray:
@@ -490,6 +522,9 @@ def _dedupe(ts: np.ndarray, val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sorted by ts, one reading per ts: the highest value (the tie rule)."""
     if len(ts) < 2 or (ts[1:] > ts[:-1]).all():
         return ts, val
+    order = np.argsort(ts)
+    if (np.diff(ts[order]) > 0).all():  # no duplicates: a plain sort (lexsort is slower)
+        return ts[order], val[order]
     order = np.lexsort((val, ts))
     ts, val = ts[order], val[order]
     last = np.r_[ts[1:] != ts[:-1], True]
@@ -512,6 +547,7 @@ def _group(meter: np.ndarray) -> list[tuple[bytes, np.ndarray]]:
     n, width = len(meter), meter.dtype.itemsize
     if not n:
         return []
+    meter = np.ascontiguousarray(meter)
     words = np.zeros((n, -(-width // 8) * 8), np.uint8)
     words[:, :width] = meter.view(np.uint8).reshape(n, width)
     words = words.view(np.uint64)

@@ -89,8 +89,10 @@ def main() -> None:
         cases.append((f"shuffled within {block_s:g} s blocks", batches(shuffled_within(cols,
                                                                                       block))))
     for name, bs in cases:
-        res = [run_stream(bs, lateness) for _ in range(args.repeat)]
-        old = [run_pairing(bs) for _ in range(args.repeat)]
+        res, old = [], []
+        for _ in range(args.repeat):  # alternated, so a change in the machine's load hits both
+            res.append(run_stream(bs, lateness))
+            old.append(run_pairing(bs))
         _, points, late, s = res[0]
         print(f"{name:32s} Stream.feed  {rate(n, [r[0] for r in res])}, {points:,} points "
               f"emitted, {late} Late, held {s.held:,} readings / {s.memory_bytes / 1e6:.1f} MB")

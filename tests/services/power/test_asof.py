@@ -267,3 +267,12 @@ def test_long_meter_ids_group_exactly():
     cols, _ = s.feed(*batch((long_v, 0, 2.0), (long_a, 1, 3.0), ("meter-with-a-long-name-3", 2,
                                                                   1.0)))
     assert rows(cols) == {("c", 1): (2.0, 3.0)} and s.ignored == 1
+
+
+def test_meter_column_as_text_or_strided_groups_the_same():
+    s = Stream([C1], D, D, 100)
+    cols, _ = s.feed(np.array([V, A1]), np.array([0, 1]), np.array([2.0, 3.0]))
+    assert rows(cols) == {("c1", 1): (2.0, 3.0)}
+    wide = np.array([V.encode(), b"-", A1.encode(), b"-"], "S")[::2]  # not contiguous
+    cols, _ = s.feed(wide, np.array([5, 6]), np.array([4.0, 5.0]))
+    assert rows(cols) == {("c1", 5): (4.0, 3.0), ("c1", 6): (4.0, 5.0)}

@@ -56,11 +56,12 @@ def arrive(readings: list, order: str, rnd: random.Random) -> list[list]:
     elif order == "one meter after another":  # a whole history delivered after the others'
         rank = {m: rnd.random() for m in sorted({r[0] for r in seq})}
         seq.sort(key=lambda r: (rank[r[0]], r[1]))
-    elif order == "connections":  # each connection carries some meters, in time order, bursts
-        k = rnd.randint(1, 4)
-        conn = {m: rnd.randrange(k) for m in sorted({r[0] for r in seq})}
-        queues = [sorted((r for r in seq if conn[r[0]] == i), key=lambda r: r[1])
-                  for i in range(k)]
+    elif order == "connections":  # up to ten connections, each carrying some meters' readings
+        k = rnd.randint(1, 10)      # (or time slices of them) in time order, in bursts
+        chunk = rnd.choice([10**9, rnd.randint(1, 50)])
+        conn = {key: rnd.randrange(k) for key in sorted({(r[0], r[1] // chunk) for r in seq})}
+        queues = [sorted((r for r in seq if conn[(r[0], r[1] // chunk)] == i),
+                         key=lambda r: r[1]) for i in range(k)]
         seq = []
         while any(queues):
             q = rnd.choice([q for q in queues if q])
