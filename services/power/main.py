@@ -20,6 +20,7 @@ whatever the order readings arrive in, kept exact through restarts and split ove
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
 import time
@@ -36,6 +37,7 @@ from shared.service import Runtime
 log = logging.getLogger("power")
 CATCHUP_CHUNK_US = 60_000_000  # readings of a circuit read from storage per catch-up step
 PEER_SILENT_S = 3.0  # a power replica not heard this long (in stats intervals) is gone
+RECENT_S = 5.0  # readings kept in hand for Late answers (storage commits well within this)
 MAX_UNACKED_BATCHES = 200  # power batches sent and not acked, at most; then power waits
 PENDING_BATCHES = 1000  # readings batches kept per meter waiting for its seeding, at most
 GAP_RESYNC_DELAY_S = 2.0  # after a gap: let storage commit what was published, then catch up
@@ -47,6 +49,34 @@ class Catchup:
     def __init__(self, circuit: Circuit, position: int):
         self.circuit = circuit
         self.position = position
+
+
+class Recent:
+    """The readings received in the last few seconds, per meter. Storage publishes readings
+    before it commits them, so a Late answer joins these to what storage returns: a reading
+    too old for memory that a later batch's Late work needs is here while it may not be
+    stored yet."""
+
+    def __init__(self, keep_s: float):
+        self.keep_s = keep_s
+        self.parts: collections.deque = collections.deque()  # (received, meter col, ts, value)
+
+    def add(self, d) -> None:
+        now = time.monotonic()
+        self.parts.append((now, d["meter"], d["ts_us"], d["value"]))
+        while self.parts and now - self.parts[0][0] > self.keep_s:
+            self.parts.popleft()
+
+    def between(self, meter: str, t0: int, t1: int) -> tuple[np.ndarray, np.ndarray]:
+        name = meter.encode()
+        ts, val = [], []
+        for _, m, t, v in self.parts:
+            sel = (m == name) & (t >= t0) & (t <= t1)
+            if sel.any():
+                ts.append(t[sel])
+                val.append(v[sel])
+        return (np.concatenate(ts) if ts else np.empty(0, np.int64),
+                np.concatenate(val) if val else np.empty(0, np.float64))
 
 
 class Power:
@@ -72,6 +102,7 @@ class Power:
         self.settle_s = 2.5 * rt.cfg.runtime["stats_interval_s"]  # hear the others first
         self.resync_at: float | None = None
         self.pending: dict[str, list] = {}  # meter -> readings received before its seeding
+        self.recent = Recent(RECENT_S)
         self.gaps_seen = 0
 
     # ---- the database ----------------------------------------------------------------------
@@ -199,6 +230,7 @@ class Power:
 
     def feed(self, msg) -> None:
         d = msg.data
+        self.recent.add(d)
         self.hold_for_seed(d)
         points, late = self.stream.feed(d["meter"], d["ts_us"], d["value"])
         self.rt.counters["readings_in"] += len(d["ts_us"])
@@ -235,12 +267,15 @@ class Power:
             if job.circuit not in self.owned:
                 continue
             self.rt.counters["late_answered"] += 1
-            if db is None:  # no database yet: what is in hand is all there is
-                self.emit(job.answer([], [], [], []), recv=None)
-                continue
-            v = db.readings([job.v_meter], job.since, job.t1)
-            a = db.readings([job.a_meter], job.since, job.t1)
-            self.emit(job.answer(v["ts_us"], v["value"], a["ts_us"], a["value"]), recv=None)
+            cols = []
+            for m in (job.v_meter, job.a_meter):  # stored, and recent (maybe not stored yet)
+                ts, val = self.recent.between(m, job.since, job.t1)
+                if db is not None:
+                    stored = db.readings([m], job.since, job.t1)
+                    ts = np.concatenate((stored["ts_us"], ts))
+                    val = np.concatenate((stored["value"], val))
+                cols += [ts, val]
+            self.emit(job.answer(*cols), recv=None)
 
     def emit(self, points: dict, recv) -> None:
         """Points computed: to storage (numbered, with checkpoints) and on the bus."""
