@@ -23,6 +23,9 @@ from shared.config import Config
 from shared.service import CannotStart, Runtime, broker_port, tcp_endpoint
 
 log = logging.getLogger("broker")
+# the biggest message frame the broker takes: a raw batch is at most batch_lines x max_line
+# (5,000 x 1 KiB by default); a peer declaring more is disconnected, not buffered
+MAX_MESSAGE_BYTES = 64 << 20
 # the sockets the broker binds: config key, socket type, and the role a client's key needs
 BOUND = (("xsub_bind", zmq.XSUB, "publish"), ("xpub_bind", zmq.XPUB, "subscribe"),
          ("work_in_bind", zmq.PULL, "publish"), ("work_out_bind", zmq.PUSH, "pull"))
@@ -42,6 +45,7 @@ def run(cfg: Config) -> int:
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.RCVHWM, hwm)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # a client sending more is cut off
     gate = None
     try:
         gate = auth.start_authenticator(rt.ctx, cfg, rt.counters)  # before anyone can connect

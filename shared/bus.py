@@ -211,6 +211,7 @@ class Subscriber:
             _or_close(self.sock, secure_connect, cfg, "pull" if pull else "subscribe")
         self.sock.connect(endpoint)
         self.last_seq: dict[tuple[str, bytes], int] = {}
+        self._next_gap_log = 0.0
         self.gaps = 0  # messages missed between two that arrived
         self.repeats = 0  # sequence numbers seen again (resent batches, restarted senders)
         self.bad = 0  # messages dropped as malformed (wrong frame count, bad body)
@@ -254,13 +255,11 @@ class Subscriber:
         if last is not None and msg.seq != last + 1:
             if msg.seq > last + 1:
                 self.gaps += msg.seq - last - 1
-                log.warning(
-                    "gap on %s from %s: missed seq %d..%d",
-                    msg.topic.decode(),
-                    msg.src,
-                    last + 1,
-                    msg.seq - 1,
-                )
+                now = time.monotonic()
+                if now >= self._next_gap_log:  # one line a while: a sender can fake many
+                    self._next_gap_log = now + BAD_LOG_EVERY_S
+                    log.warning("gap on %s from %s: missed seq %d..%d (%d missed in all)",
+                                msg.topic.decode(), msg.src, last + 1, msg.seq - 1, self.gaps)
             else:
                 self.repeats += 1
         self.last_seq[key] = msg.seq

@@ -5,9 +5,7 @@
   store of what was fed so far (or of what was fed before the batch: in-hand readings must fill
   the gap), ends with exactly the reference's points and values, also with tiny lateness and a
   tiny per-meter cap; in-memory points never fall at or before final_through;
-* a Stream that resumes from storage (load) after a recompute ends the same;
-* today's pairing.py agrees with the definition for arrival in time order (its last value per
-  key).
+* a Stream that resumes from storage (load) after a recompute ends the same.
 
 WATTFLOW_HYPOTHESIS_EXAMPLES sets the example count (default 200) for a long run by hand.
 """
@@ -23,7 +21,6 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from services.power.asof import I8_MAX, Stream, points_in_range, reference_points
-from services.power.pairing import Pairing
 from shared.config import Circuit
 
 EXAMPLES = int(os.environ.get("WATTFLOW_HYPOTHESIS_EXAMPLES", "200"))
@@ -192,22 +189,6 @@ def test_resuming_from_storage_gives_the_definition(readings, order, rnd, d, lat
         stream.load(m, [t for t, _ in mine], [x for _, x in mine], start)
     run_stream(stream, batches[k:], list(stored), False, result)
     assert result == reference_points(readings, CIRCUITS, d)
-
-
-@SETTINGS
-@given(readings_st, st.randoms(), max_diff_st)
-def test_pairing_agrees_for_arrival_in_time_order(readings, rnd, d):
-    """Today's pairing (arrival order) with readings in time order: its last value per key is
-    the definition's point, and it has the same keys. (Without duplicate timestamps within a
-    meter: pairing keeps the first, the definition the highest.)"""
-    once = list({(m, t): (m, t, x) for m, t, x in readings}.values())
-    batches = arrive(once, "in order", rnd)
-    pairing = Pairing(CIRCUITS, d / 1e6)
-    got: dict = {}
-    for b in batches:
-        cols = pairing.feed_columns(*columns(b), np.zeros(len(b)))
-        upsert(got, cols)
-    assert got == reference_points(once, CIRCUITS, d)
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -1,6 +1,7 @@
-"""Speed and memory of the as-of stream beside today's pairing, on the same data in one run.
+"""Speed and memory of power's as-of stream: in-order and shuffled arrival, the recompute
+from stored readings, the memory its lateness window holds.
 
-    python -m tests.services.power.bench_asof [--seconds 400] [--repeat 3]
+    python -m bench.power [--seconds 400] [--repeat 3]
 
 Reports, does not assert. Data: the five default meters (10.0.0.1 V; 10.0.0.2-5 A, four
 circuits sharing the V meter), one reading per meter per millisecond, batches of 5,000.
@@ -15,7 +16,6 @@ import time
 import numpy as np
 
 from services.power.asof import Stream, points_in_range
-from services.power.pairing import Pairing
 from shared.config import Circuit
 
 METERS = [f"10.0.0.{i}".encode() for i in range(1, 6)]
@@ -59,15 +59,6 @@ def run_stream(bs, lateness_us: int):
     return time.perf_counter() - t, points, late, s
 
 
-def run_pairing(bs):
-    p = Pairing(CIRCUITS, D / 1e6)
-    points = 0
-    t = time.perf_counter()
-    for m, ts, v in bs:
-        points += len(p.feed_columns(m, ts, v, np.zeros(len(ts)))["ts_us"])
-    return time.perf_counter() - t, points
-
-
 def rate(n: int, secs: list[float]) -> str:
     return f"{n / statistics.median(secs) / 1e6:5.2f}M readings/s (median of {len(secs)})"
 
@@ -89,14 +80,10 @@ def main() -> None:
         cases.append((f"shuffled within {block_s:g} s blocks", batches(shuffled_within(cols,
                                                                                       block))))
     for name, bs in cases:
-        res, old = [], []
-        for _ in range(args.repeat):  # alternated, so a change in the machine's load hits both
-            res.append(run_stream(bs, lateness))
-            old.append(run_pairing(bs))
+        res = [run_stream(bs, lateness) for _ in range(args.repeat)]
         _, points, late, s = res[0]
         print(f"{name:32s} Stream.feed  {rate(n, [r[0] for r in res])}, {points:,} points "
               f"emitted, {late} Late, held {s.held:,} readings / {s.memory_bytes / 1e6:.1f} MB")
-        print(f"{'':32s} Pairing     {rate(n, [r[0] for r in old])}, {old[0][1]:,} points")
 
     # recompute from storage: one circuit's two meters as fetched (sorted by ts), 1M each
     v_ts, a_ts = cols[1][0::5], cols[1][1::5]
