@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import socket
 import time
 
@@ -452,7 +453,21 @@ async def serve(rt: Runtime, journal: Journal) -> None:
              rt.counters["lines_in"], rt.counters["lines_acked"])
 
 
+def raise_file_limit(connections: int) -> None:
+    """Room for ``max_connections`` sockets (and some files): raise the soft limit on open
+    files as far as the hard limit allows, and say so when that is not enough."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = connections + 256
+    if soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < want:
+            log.warning("open files limited to %d (hard limit): fewer than ingest.max_connections"
+                        " (%d) connections can be open", new, connections)
+
+
 def run(cfg: Config) -> int:
+    raise_file_limit(cfg.ingest["max_connections"])
     journal = Journal.claim(cfg.ingest["journal_dir"], cfg.ingest["journal_fsync"])
     rt = Runtime("ingest", cfg, instance=journal.id)
     rt.install_signals()
