@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -156,6 +157,20 @@ def _sigterm_like_ctrl_c() -> None:
     signal.signal(signal.SIGTERM, handle)
 
 
+def _stop_on_signals() -> threading.Event:
+    """For commands that loop over a bus socket (tap, status): Ctrl-C or SIGTERM only sets the
+    returned flag, which the loop looks at between short waits. (An exception raised inside
+    the socket's clean-up would leave a socket open and the context waiting for it at exit.)"""
+    stop = threading.Event()
+
+    def handle(_signum, _frame):
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    return stop
+
+
 def _scale_arg(text: str) -> tuple[str, int]:
     name, _, n = text.partition("=")
     if name not in SCALABLE or not n.isdigit() or not 1 <= int(n) <= 64:
@@ -192,7 +207,7 @@ def cmd_tap(cfg, args) -> int:
     from shared.bus import Subscriber
     from shared.messages import to_jsonable
 
-    _sigterm_like_ctrl_c()
+    stop = _stop_on_signals()
     ctx = zmq.Context()
     try:
         sub = Subscriber(ctx, cfg.bus["subscribe"], [topics.BY_NAME[t] for t in args.topics],
@@ -204,7 +219,7 @@ def cmd_tap(cfg, args) -> int:
     seen = 0
     out = sys.stdout
     try:
-        while args.count is None or seen < args.count:
+        while (args.count is None or seen < args.count) and not stop.is_set():
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 break
@@ -221,13 +236,13 @@ def cmd_tap(cfg, args) -> int:
             else:
                 out.write(json.dumps({**head, "data": data}) + "\n")
             out.flush()
-    except KeyboardInterrupt:
-        pass
     except BrokenPipeError:
         return 0
     finally:
         sub.close()
         ctx.term()
+    if stop.is_set():
+        return 0
     return 1 if args.count is not None and seen < args.count else 0
 
 
@@ -248,11 +263,9 @@ def cmd_recompute(cfg, args) -> int:
 def cmd_status(cfg, args) -> int:
     from services.status import status
 
-    _sigterm_like_ctrl_c()
-    try:
-        return status(cfg, args.json, args.wait, args.watch)
-    except KeyboardInterrupt:
-        return 0
+    stop = _stop_on_signals()
+    code = status(cfg, args.json, args.wait, args.watch, stop)
+    return 0 if stop.is_set() else code
 
 
 def cmd_health(cfg, args) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 
 import zmq
@@ -15,7 +16,7 @@ from shared.config import Config
 EXPECTED = ("ingest", "storage", "power", "plotter")
 
 
-def collect(cfg: Config, wait_s: float) -> dict[str, dict]:
+def collect(cfg: Config, wait_s: float, stop: threading.Event | None = None) -> dict[str, dict]:
     ctx = zmq.Context()
     try:
         sub = Subscriber(ctx, cfg.bus["subscribe"], [topics.STATS], cfg=cfg)
@@ -25,8 +26,8 @@ def collect(cfg: Config, wait_s: float) -> dict[str, dict]:
     latest: dict[str, dict] = {}
     deadline = time.monotonic() + wait_s
     try:
-        while (left := deadline - time.monotonic()) > 0:
-            msg = sub.recv(int(left * 1000) + 1)
+        while (left := deadline - time.monotonic()) > 0 and not (stop and stop.is_set()):
+            msg = sub.recv(int(min(left, 0.2) * 1000) + 1)
             if msg is not None and isinstance(msg.data, dict):
                 if msg.data.get("stopped"):  # its last word: it stops in order
                     latest.pop(msg.src, None)
@@ -90,10 +91,13 @@ def missing(latest: dict[str, dict]) -> list[str]:
     return [name for name in EXPECTED if name not in present]
 
 
-def status(cfg: Config, as_json: bool, wait_s: float | None, watch: bool) -> int:
+def status(cfg: Config, as_json: bool, wait_s: float | None, watch: bool,
+           stop: threading.Event | None = None) -> int:
     wait_s = wait_s or cfg.runtime["stats_interval_s"] * 2.5
     while True:
-        latest = collect(cfg, wait_s)
+        latest = collect(cfg, wait_s, stop)
+        if stop is not None and stop.is_set():
+            return 0
         absent = missing(latest)
         quiet = silent_instances(cfg, latest)
         if as_json:

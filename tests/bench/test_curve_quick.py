@@ -5,9 +5,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.integration.stack import ROOT
 
 
+@pytest.mark.timeout(900)
 def test_curve_benchmark_stores_every_line_both_ways(tmp_path):
     out = tmp_path / "curve.json"
     run = subprocess.run([sys.executable, "-m", "bench.curve", "--quick", "--json", str(out)],
@@ -18,7 +21,9 @@ def test_curve_benchmark_stores_every_line_both_ways(tmp_path):
     for mode in ("off", "on"):
         r = pair[mode]
         assert r["lines_sent"] == r["readings_in_db"] == r["lines"] == report["lines"] > 0
-        assert r["per_meter_ok"] and r["power_in_db"] == r["power_published"] > 0
+        # (a point corrected by a late reading is published again: published >= stored)
+        assert r["per_meter_ok"] and 0 < r["power_in_db"] <= r["power_published"]
+        assert r["power_in_db"] == pair["off"]["power_in_db"]  # the same points both ways
     assert pair["on"]["broker_counters"]["auth_ok.publish"] >= 5
     assert pair["on"]["broker_counters"]["auth_refused.publish"] == 0
     assert "auth_ok.publish" not in pair["off"]["broker_counters"]
