@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import numpy as np
 import psycopg
@@ -250,7 +251,8 @@ class PostgresDatabase:
         reads (power, the dashboard, export): the schema must be there already (storage makes
         it; ``NotReady`` until then, and while the server cannot be reached), nothing is
         written."""
-        self.url = url
+        self.url = shown_url(url)  # (for logs: no password)
+        self._conninfo = url
         self.retention = retention or Retention()
         self.lock_timeout_ms = lock_timeout_ms
         self.state: dict[str, Any] = {"retention_deleted": 0, "partitions_dropped": 0,
@@ -269,7 +271,7 @@ class PostgresDatabase:
         self.conn.execute(POWER_IN)
 
     def _connect(self) -> psycopg.Connection:
-        return psycopg.connect(self.url, autocommit=True, application_name="wattflow")
+        return psycopg.connect(self._conninfo, autocommit=True, application_name="wattflow")
 
     def _reader_ready(self) -> psycopg.Connection:
         """The reading connection, once the schema storage makes is there (else ``NotReady``)."""
@@ -1027,6 +1029,18 @@ class PostgresDatabase:
             conn.close()
         if getattr(self, "conn", None) is not None:
             self.conn.close()
+
+
+def shown_url(url: str) -> str:
+    """``url`` with its password (in the user part or the query) replaced by ``***``."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, hostport = netloc.rpartition("@")
+        netloc = f"{userinfo.partition(':')[0]}:***@{hostport}"
+    query = "&".join(f"{k}=***" if k == "password" else f"{k}={v}"
+                     for k, v in parse_qsl(parts.query, keep_blank_values=True))
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def _restore(kept: list[_Kept]) -> None:

@@ -30,7 +30,7 @@ from shared.db import (
     Retention,
     open_database,
 )
-from shared.db.postgres import DAY_US, PostgresDatabase, copy_binary
+from shared.db.postgres import DAY_US, PostgresDatabase, copy_binary, shown_url
 from tests.shared.db.conftest import T0
 
 METERS = (Meter("10.0.0.1", "V", 0.0, 110.0), Meter("10.0.0.2", "A", 0.0, 5.0))
@@ -177,6 +177,16 @@ def test_one_senders_lines_in_two_batches_at_once_are_stored_once(pg_url):
     assert a.totals()["readings"] == 20_000
     a.close()
     b.close()
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql://u:s%40cret@db.example:5432/w", "postgresql://u:***@db.example:5432/w"),
+    ("postgresql://u@/w?host=/run/pg&password=s3&port=1",
+     "postgresql://u@/w?host=/run/pg&password=***&port=1"),
+    ("postgres://db.example/w", "postgres://db.example/w"),
+])
+def test_the_url_shown_in_logs_has_no_password(url, shown):
+    assert shown_url(url) == shown
 
 
 def power_points(ts: list[int], watts: float) -> dict:
