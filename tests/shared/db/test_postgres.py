@@ -25,6 +25,7 @@ from shared.db import (
     HOUR_US,
     MINUTE_US,
     DiskFull,
+    NotReady,
     PowerBatch,
     RawBatch,
     Retention,
@@ -302,6 +303,23 @@ def test_an_existing_database_keeps_its_partition_width(pg_url):
                                                   "readings_p20240427_1300",
                                                   "readings_p20240427_1400"]
     db.close()
+
+
+def test_schema_2_is_migrated_and_readers_wait_for_it(pg_url):
+    db = open_database(pg_url, METERS)
+    db.write([PowerBatch(power_points([T0, T0 + 1], 5.0))])
+    db.close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:  # as the first backend left it
+        conn.execute("DROP TABLE power_dirty, power_progress")
+        conn.execute("UPDATE totals SET name = 'power' WHERE name = 'power_writes'")
+        conn.execute("UPDATE wattflow_schema SET version = 2")
+    with pytest.raises(NotReady):
+        open_database(pg_url, writer=False)
+    open_database(pg_url, METERS).close()  # storage starts: migrated
+    reader = open_database(pg_url, writer=False)
+    assert reader.totals()["power_writes"] == 2 and "power" not in reader.totals()
+    assert reader.progress() == {} and reader.newest_power(["main"]) == {"main": T0 + 1}
+    reader.close()
 
 
 # ---- the fast path against psycopg's own binary rows -------------------------------------
