@@ -7,8 +7,9 @@ version), else on PATH, else in ``WATTFLOW_PG_BIN``.
     with PostgresServer() as server:
         url = server.create_database()      # a fresh database: postgresql://...
 
-For pytest: the session fixture ``postgres_server`` (import it into a conftest) yields a started
-server, or None with ``PostgresServer.missing()`` saying why there is none.
+For pytest: the session fixture ``postgres_server`` (imported once, in tests/conftest.py) yields
+a started server, or None with ``PostgresServer.missing()`` saying why there is none; there,
+``pg_url`` gives a test a fresh database, and ``BOTH_BACKENDS`` runs a stack test on each.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ import pytest
 TEST_SETTINGS = {"fsync": "off", "full_page_writes": "off", "synchronous_commit": "off",
                  "deadlock_timeout": "100ms"}
 PR_SET_PDEATHSIG = 1
+# A test of the ``stack`` or ``make_stack`` fixtures (tests/conftest.py), run with storage on
+# SQLite, then on a fresh database of the session's server (skipped where none can run).
+BOTH_BACKENDS = pytest.mark.parametrize("database", ["sqlite", "postgresql"], indirect=True)
 
 
 def find_bin() -> Path | None:

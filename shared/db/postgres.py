@@ -19,7 +19,9 @@ the parent's lock: writers queue behind a DROP for at most that long); the rollu
 pruned by small DELETEs like SQLite's. Rows are kept at least their period and at most one
 partition longer.
 
-Concurrency (READ COMMITTED): see ``write``; lock order and retries in ``_apply``.
+Concurrency (READ COMMITTED): see ``write``; lock order and retries in ``_apply``. Power
+rollups: every replica may compute them; ``store_power_rollups`` stores a minute only if it
+takes that minute's dirty mark itself, one store at a time (see there).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import numpy as np
 import psycopg
@@ -39,9 +42,11 @@ from psycopg import errors, sql
 
 from shared.config import Circuit, Meter
 from shared.db import (
+    ENERGY_GAP_US,
     HOUR_US,
     MINUTE_US,
     DiskFull,
+    NotReady,
     PowerBatch,
     RawBatch,
     Retention,
@@ -50,10 +55,13 @@ from shared.db import (
 )
 
 log = logging.getLogger("db")
-SCHEMA_VERSION = 2
+# 2: the first; 3: power_dirty, power_progress, the total "power" named "power_writes"
+SCHEMA_VERSION = 3
 DAY_US = 86_400_000_000
 MAX_ATTEMPTS = 8  # of one write, on a deadlock, a serialization failure or a dropped partition
-LOCKS = 0x5746  # advisory lock namespace ('WF'): (LOCKS, 1) schema, (LOCKS, 2) partitions
+# advisory lock namespace ('WF'): (LOCKS, 1) schema, (LOCKS, 2) partitions, (LOCKS, 3) the
+# power rollups' store
+LOCKS = 0x5746
 SENDER_LOCKS = 0x5747  # (SENDER_LOCKS, hashtext(sender)): a sender's line numbers
 
 SCHEMA = """
@@ -116,8 +124,8 @@ CREATE TABLE IF NOT EXISTS sender_lines ( -- the acknowledged mode: line numbers
     PRIMARY KEY (sender, lo)
 );
 CREATE TABLE IF NOT EXISTS totals (       -- row counts kept with every write (count(*) is slow)
-    name text PRIMARY KEY,                -- readings, rejected, rejected.<reason>, power
-    n    bigint NOT NULL                  -- (power: points written; a recomputed point again)
+    name text PRIMARY KEY,                -- readings, rejected, rejected.<reason>,
+    n    bigint NOT NULL                  -- power_writes (points written; a rewrite again)
 );
 CREATE TABLE IF NOT EXISTS readings_1m (  -- per meter and minute (t: its start, µs)
     meter_id integer NOT NULL, t bigint NOT NULL, n bigint NOT NULL, sum double precision
@@ -140,6 +148,15 @@ CREATE TABLE IF NOT EXISTS power_1h (
     NOT NULL, min double precision NOT NULL, max double precision NOT NULL,
     wh double precision NOT NULL,
     PRIMARY KEY (circuit_id, t)
+);
+CREATE TABLE IF NOT EXISTS power_dirty (  -- minutes of power written since their rollup
+    circuit_id integer NOT NULL, t bigint NOT NULL,
+    touched double precision NOT NULL,    -- when last written (Unix seconds)
+    PRIMARY KEY (circuit_id, t)
+);
+CREATE TABLE IF NOT EXISTS power_progress (  -- power's checkpoint per circuit
+    circuit_id integer PRIMARY KEY,
+    final_through bigint NOT NULL         -- stored points up to this time are final
 );
 CREATE OR REPLACE VIEW readings_view AS
     SELECT m.ip AS meter, m.unit AS unit, r.ts_us AS ts_us,
@@ -208,41 +225,68 @@ class _Kept:
     batch: RawBatch
     cols: tuple
 
+    # (``drop_resent`` puts new arrays and lists in these, never changes them in place)
+    FIELDS = ("meter", "ts_us", "value", "t_recv", "reading_sender", "reading_no", "rejected",
+              "rejected_sender", "rejected_no", "resent")
+
     @classmethod
     def of(cls, b: RawBatch) -> _Kept:
-        return cls(b, (b.meter, b.ts_us, b.value, b.t_recv, b.rejected, b.resent))
+        return cls(b, tuple(getattr(b, f) for f in cls.FIELDS))
 
     def restore(self) -> None:
-        b = self.batch
-        b.meter, b.ts_us, b.value, b.t_recv, b.rejected, b.resent = self.cols
+        for f, value in zip(self.FIELDS, self.cols, strict=True):
+            setattr(self.batch, f, value)
 
 
 class PostgresDatabase:
     def __init__(self, url: str, meters: tuple[Meter, ...] | list[Meter] = (),
                  circuits: tuple[Circuit, ...] | list[Circuit] = (),
                  retention: Retention | None = None, partition_days: float = 1.0,
-                 lock_timeout_ms: int = 500, wal_max_mb: float | None = None):
+                 lock_timeout_ms: int = 500, wal_max_mb: float | None = None,
+                 checkpoints: bool = True, writer: bool = True):
         """``partition_days``: the width of a new database's time partitions (a whole number
         of minutes; an existing database keeps its own). ``lock_timeout_ms``: how long a
-        retention step waits for a table's lock. ``wal_max_mb``: SQLite's; ignored here (the
-        server bounds its own WAL: ``max_wal_size``)."""
-        self.url = url
+        retention step waits for a table's lock. ``wal_max_mb``, ``checkpoints``: SQLite's;
+        ignored here (the server bounds its own WAL: ``max_wal_size``). ``writer`` False: only
+        reads (power, the dashboard, export): the schema must be there already (storage makes
+        it; ``NotReady`` until then, and while the server cannot be reached), nothing is
+        written."""
+        self.url = shown_url(url)  # (for logs: no password)
+        self._conninfo = url
         self.retention = retention or Retention()
         self.lock_timeout_ms = lock_timeout_ms
         self.state: dict[str, Any] = {"retention_deleted": 0, "partitions_dropped": 0,
                                       "retention_lock_busy": 0, "write_retries": 0}
-        self.conn = self._connect()
-        self.partition_us = self._migrate(int(round(partition_days * DAY_US)))
-        self.meter_ids = self._meters(meters)
-        self.circuit_ids: dict[tuple[bytes, bytes, bytes], int] = {}
-        self.parts: dict[str, dict[int, tuple[str, int]]] = {}  # table -> lo µs -> (name, hi µs)
         self._readers = threading.local()
         self._reader_conns: list[psycopg.Connection] = []
         self._size_cache: tuple[float, int] = (0.0, 0)
+        self.circuit_ids: dict[tuple[bytes, bytes, bytes], int] = {}
+        self.parts: dict[str, dict[int, tuple[str, int]]] = {}  # table -> lo µs -> (name, hi µs)
+        if not writer:
+            self.conn = self._reader_ready()
+            return
+        self.conn = self._connect()
+        self.partition_us = self._migrate(int(round(partition_days * DAY_US)))
+        self.meter_ids = self._meters(meters)
         self.conn.execute(POWER_IN)
 
     def _connect(self) -> psycopg.Connection:
-        return psycopg.connect(self.url, autocommit=True, application_name="wattflow")
+        return psycopg.connect(self._conninfo, autocommit=True, application_name="wattflow")
+
+    def _reader_ready(self) -> psycopg.Connection:
+        """The reading connection, once the schema storage makes is there (else ``NotReady``)."""
+        try:
+            conn = self._reader()
+            made = conn.execute("SELECT to_regclass('wattflow_schema')").fetchone()[0]
+            row = made and conn.execute("SELECT version FROM wattflow_schema").fetchone()
+        except psycopg.OperationalError as exc:  # no server (yet), no such database, ...
+            self.close()
+            raise NotReady(f"cannot read the database: {exc}".strip()) from exc
+        if not row or row[0] != SCHEMA_VERSION:
+            self.close()
+            raise NotReady(f"the database has schema {row[0] if row else 'none'}, not "
+                           f"{SCHEMA_VERSION} (yet; storage makes it)")
+        return conn
 
     # ---- schema --------------------------------------------------------------------------
 
@@ -261,6 +305,10 @@ class PostgresDatabase:
                 self.conn.execute("INSERT INTO wattflow_schema VALUES (%s, %s)",
                                   (SCHEMA_VERSION, partition_us))
                 return partition_us
+            if row[0] < SCHEMA_VERSION:  # 2 -> 3: the new tables are made above
+                log.info("migrating the database to schema %d", SCHEMA_VERSION)
+                self.conn.execute("UPDATE totals SET name = 'power_writes' WHERE name = 'power'")
+                self.conn.execute("UPDATE wattflow_schema SET version = %s", (SCHEMA_VERSION,))
         if row[0] > SCHEMA_VERSION:
             raise RuntimeError(f"{self.url} has schema version {row[0]}; this wattflow knows "
                                f"up to {SCHEMA_VERSION}: upgrade wattflow")
@@ -331,18 +379,14 @@ class PostgresDatabase:
                  if isinstance(b, PowerBatch) and len(b.points["ts_us"])]
         if power:
             self._ensure("power", np.concatenate(power))
-            self._circuits(batches)
+            self._circuits(set().union(*(_circuit_keys(b.points) for b in batches
+                                         if isinstance(b, PowerBatch))))
 
-    def _circuits(self, batches) -> None:
-        """Row ids of the batches' circuits, made on first sight (before the write's
-        transaction: a circuit row is never removed, and two replicas making it at once
-        then never wait for each other inside their writes)."""
-        new = set()
-        for b in batches:
-            if isinstance(b, PowerBatch) and len(b.points["ts_us"]):
-                new.update(zip(*(_bytes(b.points[k]).tolist()
-                                 for k in ("circuit", "v_meter", "a_meter")), strict=True))
-        new -= self.circuit_ids.keys()
+    def _circuits(self, keys: set[tuple[bytes, bytes, bytes]]) -> None:
+        """Row ids of these circuits (name, V meter, A meter), made on first sight (before
+        the write's transaction: a circuit row is never removed, and two replicas making it
+        at once then never wait for each other inside their writes)."""
+        new = keys - self.circuit_ids.keys()
         if not new:
             return
         keys = sorted(tuple(x.decode() for x in k) for k in new)
@@ -361,11 +405,19 @@ class PostgresDatabase:
         key was there already (see shared/db). Retried on a deadlock or serialization
         failure (nothing of a failed attempt stays: the batches are as they came); a full
         disk on the server raises ``DiskFull`` after the rollback."""
-        kept = [_Kept.of(b) for b in batches if isinstance(b, RawBatch)]
-        for attempt in range(1, MAX_ATTEMPTS + 1):
+        def attempt() -> list[bool]:
+            self._ensure_for(batches)
+            return self._apply(batches)
+
+        return self._retrying(attempt, [_Kept.of(b) for b in batches if isinstance(b, RawBatch)])
+
+    def _retrying(self, attempt, kept: list[_Kept]):
+        """``attempt()`` (a transaction), again on a deadlock or serialization failure, or
+        when a partition it knew was dropped meanwhile; ``kept``: batches put back as they
+        came before each try. A full disk raises ``DiskFull`` after the rollback."""
+        for n in range(1, MAX_ATTEMPTS + 1):
             try:
-                self._ensure_for(batches)
-                return self._apply(batches)
+                return attempt()
             except errors.DiskFull as exc:
                 self._rollback()
                 _restore(kept)
@@ -376,14 +428,13 @@ class PostgresDatabase:
                 _restore(kept)
                 # (a row with no partition: another replica's retention dropped one we knew)
                 gone = isinstance(exc, errors.CheckViolation) and "no partition" in str(exc)
-                if attempt == MAX_ATTEMPTS or (isinstance(exc, errors.CheckViolation)
-                                               and not gone):
+                if n == MAX_ATTEMPTS or (isinstance(exc, errors.CheckViolation) and not gone):
                     raise
                 if gone:
                     self.parts.clear()
                 self.state["write_retries"] += 1
                 log.info("write retried (%s): %s", type(exc).__name__, exc)
-                time.sleep(random.uniform(0, 0.01 * attempt))  # apart from the other party
+                time.sleep(random.uniform(0, 0.01 * n))  # apart from the other party
             except BaseException:
                 self._rollback()
                 _restore(kept)
@@ -398,10 +449,11 @@ class PostgresDatabase:
     def _apply(self, batches) -> list[bool]:
         """The write's transaction (READ COMMITTED). Row locks are taken in one order by every
         writer, each group sorted: batch keys, senders (advisory locks), rollup rows
-        (readings_1m, then readings_1h), power rows, sources, keys under the low marks,
-        totals. Rows of readings and rejected are new rows (no locks). So two replicas never
-        wait for each other in a cycle; should the server find a deadlock anyway (a lock
-        this order misses), ``write`` runs the transaction again.
+        (readings_1m, then readings_1h), power rows, power_dirty rows, power_progress rows,
+        sources, keys under the low marks, totals. Rows of readings and rejected are new
+        rows (no locks). So two replicas never wait for each other in a cycle; should the
+        server find a deadlock anyway (a lock this order misses), ``write`` runs the
+        transaction again.
 
         Round trips, as few as a bare COPY's: BEGIN and the claim in one pipeline, the
         COPYs, then every statement that follows and COMMIT in one pipeline (executed one
@@ -415,8 +467,10 @@ class PostgresDatabase:
         later: list[tuple[str, Any]] = []  # (statement, parameters) after the COPYs
         self._write_readings(raws, deltas, later)
         self._write_rejected([r for b in raws for r in b.rejected], deltas)
-        self._write_power([b for b, ok in zip(batches, fresh, strict=True)
-                           if ok and isinstance(b, PowerBatch)], deltas, later)
+        powers = [b for b, ok in zip(batches, fresh, strict=True)
+                  if ok and isinstance(b, PowerBatch)]
+        self._write_power(powers, deltas, later)
+        self._write_progress(powers, later)
         self._advance_lows(batches, later)
         self._add_totals(deltas, later)
         with self.conn.pipeline():
@@ -526,12 +580,16 @@ class PostgresDatabase:
         for r in rows:
             deltas[f"rejected.{r[2]}"] = deltas.get(f"rejected.{r[2]}", 0) + 1
 
-    def _write_power(self, batches: list[PowerBatch], deltas: dict[str, int], later) -> None:
+    def _write_power(self, batches: list[PowerBatch], deltas: dict[str, int], later,
+                     dirty: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         """Upserted: COPY into a temporary table, then one INSERT ... ON CONFLICT in key
         order. PostgreSQL refuses one such INSERT touching a key twice, so a key given more
-        than once (in a batch, or in two batches of this write) keeps its last row."""
+        than once (in a batch, or in two batches of this write) keeps its last row. The
+        minutes touched (and ``dirty``: circuit ids, minutes) are marked for the rollups."""
         parts = [b.points for b in batches if len(b.points["ts_us"])]
         if not parts:
+            if dirty is not None:
+                self._mark_dirty(*dirty, later)
             return
         circuit = np.concatenate([self._circuit_column(p) for p in parts])
         cols = {k: np.concatenate([np.asarray(p[k]) for p in parts])
@@ -550,7 +608,42 @@ class PostgresDatabase:
             "INSERT INTO power (circuit_id, ts_us, watts, volts, amps) SELECT * FROM power_in"
             " ORDER BY circuit_id, ts_us ON CONFLICT (circuit_id, ts_us) DO UPDATE SET"
             " watts = excluded.watts, volts = excluded.volts, amps = excluded.amps", None))
-        deltas["power"] = n
+        deltas["power_writes"] = n
+        ids, minutes = k[first], t[first] - t[first] % MINUTE_US
+        if dirty is not None:
+            ids, minutes = np.concatenate((ids, dirty[0])), np.concatenate((minutes, dirty[1]))
+        self._mark_dirty(ids, minutes, later)
+
+    @staticmethod
+    def _mark_dirty(ids: np.ndarray, minutes: np.ndarray, later) -> None:
+        """Mark these minutes of power, and the minute before each (its last point's energy
+        reaches into them), for the rollups (``rollup_step``); in key order."""
+        keys = np.unique(np.stack((np.concatenate((ids, ids)),
+                                   np.concatenate((minutes, minutes - MINUTE_US))), axis=1),
+                         axis=0)
+        if len(keys):
+            later.append((
+                "INSERT INTO power_dirty (circuit_id, t, touched) SELECT u.c, u.t, %s FROM"
+                " unnest(%s::integer[], %s::bigint[]) AS u(c, t) ORDER BY u.c, u.t"
+                " ON CONFLICT (circuit_id, t) DO UPDATE SET touched = excluded.touched",
+                (time.time(), keys[:, 0].tolist(), keys[:, 1].tolist())))
+
+    def _write_progress(self, batches: list[PowerBatch], later) -> None:
+        """Power's checkpoints, only ever raised; a circuit's by its name (the newest circuit
+        row of that name; none yet: skipped, as on SQLite)."""
+        progress: dict[str, int] = {}
+        for b in batches:
+            for name, through in b.progress.items():
+                progress[name] = max(progress.get(name, int(through)), int(through))
+        if progress:
+            names = sorted(progress)
+            later.append((
+                "INSERT INTO power_progress (circuit_id, final_through) SELECT c.id, u.t FROM"
+                " unnest(%s::text[], %s::bigint[]) AS u(name, t) CROSS JOIN LATERAL (SELECT id"
+                " FROM circuits WHERE name = u.name ORDER BY id DESC LIMIT 1) AS c"
+                " ORDER BY c.id ON CONFLICT (circuit_id) DO UPDATE SET final_through ="
+                " GREATEST(power_progress.final_through, excluded.final_through)",
+                (names, [progress[n] for n in names])))
 
     def _circuit_column(self, points: dict) -> np.ndarray:
         keys = np.rec.fromarrays([_bytes(points[k]) for k in ("circuit", "v_meter", "a_meter")])
@@ -564,7 +657,7 @@ class PostgresDatabase:
         bases: dict[str, int] = {}
         for b in batches:
             if b.source is not None:
-                bases[b.source] = max(bases.get(b.source, 0), b.base - 1)
+                bases[b.source] = max(bases.get(b.source, -1), b.base - 1)
         if not bases:
             return
         names = sorted(bases)
@@ -705,6 +798,129 @@ class PostgresDatabase:
                 break
         return removed
 
+    def rollup_step(self, now_s: float, settle_s: float = 10.0, most: int = 50) -> int:
+        """Per-minute and per-hour power rollups (n, sum, min, max of watts; energy in Wh:
+        each point's watts held until the next point, unless that is more than ENERGY_GAP_US
+        away) for minutes written to and then left alone for ``settle_s``, recomputed from
+        the stored points (so late or corrected points count). Returns minutes done. Storage
+        runs the reading part on a thread of its own and hands the writing to its writer."""
+        read_at = time.time()
+        rows = [(cid, t, self.power_minute(cid, t))
+                for cid, t in self.dirty_power_minutes(now_s - settle_s, most)]
+        self.store_power_rollups(rows, read_at)
+        return len(rows)
+
+    def dirty_power_minutes(self, touched_before_s: float, most: int = 50) -> list[tuple]:
+        """(circuit id, minute) of power written to, last before ``touched_before_s``."""
+        return self._reader().execute(
+            "SELECT circuit_id, t FROM power_dirty WHERE touched < %s ORDER BY t LIMIT %s",
+            (touched_before_s, most)).fetchall()
+
+    def power_minute(self, cid: int, t: int) -> tuple | None:
+        """A minute's power rollup from the stored points (a read): n, sum, min, max, wh."""
+        row = self._reader().execute(
+            "SELECT count(*), sum(watts), min(watts), max(watts), sum(CASE WHEN nxt - ts_us"
+            " <= %s THEN watts * (nxt - ts_us) ELSE 0 END) / 3.6e9::float8"
+            " FROM (SELECT ts_us, watts, LEAD(ts_us) OVER (ORDER BY ts_us) AS nxt FROM power"
+            "       WHERE circuit_id = %s AND ts_us >= %s AND ts_us < %s) AS p WHERE ts_us < %s",
+            (ENERGY_GAP_US, cid, t, t + MINUTE_US + ENERGY_GAP_US, t + MINUTE_US)).fetchone()
+        return row if row[0] else None
+
+    def store_power_rollups(self, rows: list[tuple], read_at: float) -> None:
+        """Store minutes computed by ``power_minute`` (None: no points left) and their hours;
+        a minute written to again after ``read_at`` stays dirty (it is done again).
+
+        Every replica may compute the same minutes, at different times; a minute is stored
+        only by the store that takes its dirty mark (a row touched before ``read_at``, locked
+        in key order, then deleted), so an older computation never overwrites a newer one.
+        Stores take turns (an advisory lock first), so each recomputes its hours from the
+        minutes the last one committed."""
+        if not rows:
+            return
+        aggs = {(int(c), int(t)): agg for c, t, agg in rows}
+        keys = sorted(aggs)
+
+        def attempt() -> None:
+            with self.conn.pipeline():
+                self.conn.execute("BEGIN")
+                self.conn.execute("SELECT pg_advisory_xact_lock(%s, 3)", (LOCKS,))
+                claimed = self.conn.execute(
+                    "SELECT d.circuit_id, d.t FROM power_dirty d JOIN unnest(%s::integer[],"
+                    " %s::bigint[]) AS u(c, t) ON d.circuit_id = u.c AND d.t = u.t"
+                    " WHERE d.touched < %s ORDER BY d.circuit_id, d.t FOR UPDATE OF d",
+                    ([c for c, _ in keys], [t for _, t in keys], read_at))
+            mine = claimed.fetchall()
+            with self.conn.pipeline():
+                if mine:
+                    self._store_minutes(mine, aggs)
+                self.conn.execute("COMMIT")
+
+        self._retrying(attempt, [])
+
+    def _store_minutes(self, mine: list[tuple[int, int]], aggs: dict) -> None:
+        c = self.conn
+        unnest = ("unnest(%s::integer[], %s::bigint[]) AS u(c, t) WHERE {0}.circuit_id = u.c"
+                  " AND {0}.t = u.t")
+        c.execute("DELETE FROM power_dirty d USING " + unnest.format("d"),
+                  ([k[0] for k in mine], [k[1] for k in mine]))
+        gone = [k for k in mine if aggs[k] is None]
+        if gone:
+            c.execute("DELETE FROM power_1m m USING " + unnest.format("m"),
+                      ([k[0] for k in gone], [k[1] for k in gone]))
+        kept = [(*k, *aggs[k]) for k in mine if aggs[k] is not None]
+        if kept:
+            c.execute(
+                "INSERT INTO power_1m (circuit_id, t, n, sum, min, max, wh) SELECT * FROM"
+                " unnest(%s::integer[], %s::bigint[], %s::bigint[], %s::float8[], %s::float8[],"
+                " %s::float8[], %s::float8[]) ORDER BY 1, 2 ON CONFLICT (circuit_id, t) DO"
+                " UPDATE SET n = excluded.n, sum = excluded.sum, min = excluded.min,"
+                " max = excluded.max, wh = excluded.wh",
+                [list(col) for col in zip(*kept, strict=True)])
+        hours = sorted({(cid, t - t % HOUR_US) for cid, t in mine})
+        params = ([h[0] for h in hours], [h[1] for h in hours])
+        c.execute("DELETE FROM power_1h h USING " + unnest.format("h"), params)
+        c.execute(
+            "INSERT INTO power_1h (circuit_id, t, n, sum, min, max, wh)"
+            " SELECT u.c, u.t, sum(m.n), sum(m.sum), min(m.min), max(m.max), sum(m.wh)"
+            " FROM unnest(%s::integer[], %s::bigint[]) AS u(c, t) JOIN power_1m m"
+            " ON m.circuit_id = u.c AND m.t >= u.t AND m.t < u.t + %s"
+            " GROUP BY u.c, u.t ORDER BY u.c, u.t", (*params, HOUR_US))
+
+    def replace_power(self, circuit: Circuit, t0_us: int, t1_us: int,
+                      points: dict[str, np.ndarray]) -> None:
+        """The power of ``circuit`` in [t0, t1] becomes exactly ``points`` (a recompute after
+        a change of circuits or of max_time_diff: stale points go), in one transaction; the
+        minutes that had points (and the minute before each) are marked for the rollups."""
+        key = (circuit.name.encode(), circuit.voltage.encode(), circuit.current.encode())
+        batch = PowerBatch(points)
+
+        def attempt() -> None:
+            if len(points["ts_us"]):
+                self._ensure("power", np.asarray(points["ts_us"]))
+            self._circuits({key} | _circuit_keys(points))
+            cid = self.circuit_ids[key]
+            with self.conn.pipeline():
+                self.conn.execute("BEGIN")
+                gone = self.conn.execute(
+                    "WITH gone AS (DELETE FROM power WHERE circuit_id = %s AND ts_us BETWEEN %s"
+                    " AND %s RETURNING ts_us) SELECT ts_us - ts_us %% %s AS m, count(*)"
+                    " FROM gone GROUP BY m ORDER BY m", (cid, t0_us, t1_us, MINUTE_US))
+            minutes = gone.fetchall()
+            deltas: dict[str, int] = {}
+            later: list = []
+            self._write_power([batch], deltas, later, dirty=(
+                np.full(len(minutes), cid, np.int64),
+                np.array([m for m, _ in minutes], np.int64)))
+            self._add_totals(deltas, later)
+            with self.conn.pipeline():
+                for statement, params in later:
+                    self.conn.execute(statement, params)
+                self.conn.execute("COMMIT")
+            self.state["power_replaced"] = (self.state.get("power_replaced", 0)
+                                            + sum(n for _, n in minutes))
+
+        self._retrying(attempt, [])
+
     def free_bytes(self) -> int | None:
         return None  # the server's disk: the server says (DiskFull) when it is full
 
@@ -731,7 +947,7 @@ class PostgresDatabase:
         return dict(self._reader().execute("SELECT source, low FROM sources").fetchall())
 
     def totals(self) -> dict[str, int]:
-        totals = {"readings": 0, "power": 0, "rejected": 0}
+        totals = {"readings": 0, "power_writes": 0, "rejected": 0}
         totals.update(self._reader().execute("SELECT name, n FROM totals").fetchall())
         return totals
 
@@ -757,6 +973,37 @@ class PostgresDatabase:
         return _columns(rows, ("circuit", "ts_us", "watts", "volts", "amps"),
                         ("S", np.int64, np.float64, np.float64, np.float64))
 
+    def newest(self, meters: list[str]) -> dict[str, int]:
+        """The latest stored reading's time of each meter that has one."""
+        return self._per_name(meters, "SELECT max(ts_us) FROM readings WHERE meter_id ="
+                                      " (SELECT id FROM meters WHERE ip = %s)")
+
+    def oldest(self, meters: list[str], after: int | None = None) -> dict[str, int]:
+        """The earliest stored reading's time (after ``after``, if given) of each meter that
+        has one."""
+        return self._per_name(meters, "SELECT min(ts_us) FROM readings WHERE meter_id ="
+                                      " (SELECT id FROM meters WHERE ip = %s) AND ts_us > %s",
+                              -(2**63) if after is None else after)
+
+    def newest_power(self, circuits: list[str]) -> dict[str, int]:
+        """The latest stored power point's time of each circuit that has one."""
+        return self._per_name(circuits, "SELECT max(ts_us) FROM power WHERE circuit_id = ANY("
+                                        "ARRAY(SELECT id FROM circuits WHERE name = %s))")
+
+    def _per_name(self, names: list[str], query: str, *params) -> dict[str, int]:
+        out = {}
+        for name in names:
+            value = self._reader().execute(query, (name, *params)).fetchone()[0]
+            if value is not None:
+                out[name] = value
+        return out
+
+    def progress(self) -> dict[str, int]:
+        """Each circuit's checkpoint: stored points up to this time are final."""
+        return dict(self._reader().execute(
+            "SELECT c.name, max(p.final_through) FROM power_progress p"
+            " JOIN circuits c ON c.id = p.circuit_id GROUP BY c.name").fetchall())
+
     def rollup(self, kind: str, resolution: str, names: list[str], t0_us: int,
                t1_us: int) -> dict[str, np.ndarray]:
         """Per-minute (``1m``) or per-hour (``1h``) aggregates of ``readings`` (by meter) or
@@ -780,7 +1027,20 @@ class PostgresDatabase:
     def close(self) -> None:
         for conn in self._reader_conns:
             conn.close()
-        self.conn.close()
+        if getattr(self, "conn", None) is not None:
+            self.conn.close()
+
+
+def shown_url(url: str) -> str:
+    """``url`` with its password (in the user part or the query) replaced by ``***``."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, hostport = netloc.rpartition("@")
+        netloc = f"{userinfo.partition(':')[0]}:***@{hostport}"
+    query = "&".join(f"{k}=***" if k == "password" else f"{k}={v}"
+                     for k, v in parse_qsl(parts.query, keep_blank_values=True))
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def _restore(kept: list[_Kept]) -> None:
@@ -793,6 +1053,14 @@ def _stamp(lo_us: int, width_us: int) -> str:
     t = datetime.fromtimestamp(lo_us / 1e6, UTC)
     return t.strftime("%Y%m%d" if width_us % DAY_US == 0 and lo_us % DAY_US == 0
                       else "%Y%m%d_%H%M")
+
+
+def _circuit_keys(points: dict) -> set[tuple[bytes, bytes, bytes]]:
+    """The (name, V meter, A meter) of the circuits that have points here."""
+    if not len(points["ts_us"]):
+        return set()
+    return set(zip(*(_bytes(points[k]).tolist() for k in ("circuit", "v_meter", "a_meter")),
+                   strict=True))
 
 
 def _bytes(col) -> np.ndarray:

@@ -318,7 +318,7 @@ class SqliteDatabase:
         bases: dict[str, int] = {}
         for b in batches:
             if b.source is not None:
-                bases[b.source] = max(bases.get(b.source, 0), b.base - 1)
+                bases[b.source] = max(bases.get(b.source, -1), b.base - 1)
         now = time.time()
         for source, low in bases.items():
             self.conn.execute("INSERT INTO sources (source, low, t) VALUES (?, ?, ?)"
@@ -632,11 +632,13 @@ class SqliteDatabase:
         with self._transaction():
             cid = self._circuit_ids({"circuit": [circuit.name], "v_meter": [circuit.voltage],
                                      "a_meter": [circuit.current]})[0]
-            self.conn.execute(  # the minutes that had points: their rollups change too
+            self.conn.execute(  # the minutes that had points (and the minute before each:
+                # its last point's energy reaches into them): their rollups change too
                 "INSERT INTO power_dirty (circuit_id, t, touched) SELECT DISTINCT circuit_id,"
-                " ts_us - ts_us % ?, ? FROM power WHERE circuit_id = ? AND ts_us BETWEEN ? AND ?"
+                " ts_us - ts_us % ? - d, ? FROM power, (SELECT 0 AS d UNION ALL SELECT ?)"
+                " WHERE circuit_id = ? AND ts_us BETWEEN ? AND ?"
                 " ON CONFLICT DO UPDATE SET touched = excluded.touched",
-                (MINUTE_US, time.time(), cid, t0_us, t1_us))
+                (MINUTE_US, time.time(), MINUTE_US, cid, t0_us, t1_us))
             gone = self.conn.execute("DELETE FROM power WHERE circuit_id = ? AND ts_us"
                                      " BETWEEN ? AND ?", (cid, t0_us, t1_us)).rowcount
             self.state["power_replaced"] = self.state.get("power_replaced", 0) + gone

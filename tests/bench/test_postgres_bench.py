@@ -4,10 +4,10 @@ private server and count what they write. No timing is asserted."""
 import pytest
 
 from bench.run import print_postgres, run_postgres
-from tests.pg import PostgresServer, postgres_server  # noqa: F401 (a fixture)
+from tests.pg import PostgresServer
 
 
-def test_postgres_measurements_run_and_write_every_row(postgres_server, capsys):  # noqa: F811
+def test_postgres_measurements_run_and_write_every_row(postgres_server, capsys):
     if postgres_server is None:
         pytest.skip(PostgresServer.missing())
     r = run_postgres(postgres_server.url(), rows=20_000, repeats=1)

@@ -1,5 +1,6 @@
 """A real wattflow stack for tests: every service as its own process, bus on ipc://, meters on
-a free TCP port of 127.0.0.1, SQLite and PNGs in a temporary folder. Always stopped."""
+a free TCP port of 127.0.0.1, SQLite and PNGs in a temporary folder (or, with ``storage.url``
+overridden, storage on that PostgreSQL database). Always stopped."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import zmq
 
 from shared import config, topics
 from shared.bus import Subscriber
+from shared.db import storage_url
 from shared.messages import Message
 
 SERVICES = ("broker", "storage", "power", "plotter", "ingest")
@@ -80,6 +82,7 @@ class Stack:
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
         self.stats_sub = self.subscribe(topics.STATS)
         self.last_stats: dict[str, dict] = {}  # service -> its latest stats message
+        self.pg = None  # the test's own connection to a PostgreSQL database (query)
         self.by_instance: dict[str, dict] = {}  # instance id -> its latest stats message
 
     def rewrite_config(self) -> None:
@@ -180,7 +183,15 @@ class Stack:
         with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
             sock.sendall(data)
 
+    @property
+    def url(self) -> str:
+        return storage_url(self.cfg.storage)
+
     def query(self, sql: str, *params: Any) -> list[tuple]:
+        """Rows of ``sql`` (``?`` placeholders) on storage's database; none before storage
+        has made its schema."""
+        if not self.url.startswith("sqlite"):
+            return self._pg_query(sql.replace("?", "%s"), params)
         if not self.db_path.exists():
             return []
         conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=5)
@@ -190,6 +201,16 @@ class Stack:
             return []
         finally:
             conn.close()
+
+    def _pg_query(self, sql: str, params: tuple) -> list[tuple]:
+        import psycopg
+
+        try:
+            if self.pg is None or self.pg.closed:
+                self.pg = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+            return self.pg.execute(sql, params or None).fetchall()
+        except psycopg.errors.UndefinedTable:  # schema not created yet
+            return []
 
     def count(self, table: str) -> int:
         rows = self.query(f"SELECT count(*) FROM {table}")
@@ -218,6 +239,8 @@ class Stack:
         self.start(name)
 
     def close(self) -> None:
+        if self.pg is not None:
+            self.pg.close()
         for sub in self.subs:
             sub.close()
         order = ("simulate", "ingest", "storage", "power", "plotter", "broker")

@@ -74,7 +74,9 @@ def _port_open(port: int) -> bool:
     return True
 
 
-@pytest.mark.parametrize("victim", ["storage", "broker", "power"])
+@pytest.mark.parametrize("victim, database", [  # (storage's kill -9 on PostgreSQL too)
+    ("storage", "sqlite"), ("broker", "sqlite"), ("power", "sqlite"), ("storage", "postgresql"),
+], indirect=["database"])
 def test_kill_9_and_restart_mid_stream(stack, victim):
     feeder = Feeder(stack.port, connections=120, invalid_every=7, pause_s=0.02).start()
     wait_for(lambda: feeder.progress() > 0.3, 30, "lines flowing")

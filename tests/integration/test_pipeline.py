@@ -16,6 +16,7 @@ import pytest
 from shared import topics
 from tests.integration.lines import A_METERS, RANGES, SECOND, T0, V_METER, in_range, line
 from tests.integration.stack import ROOT, drain, wait_for
+from tests.pg import BOTH_BACKENDS
 
 METERS = list(RANGES)
 
@@ -44,6 +45,7 @@ def send_concurrently(port: int, payloads: list[bytes], seed: int = 1) -> None:
     assert not errors, errors
 
 
+@BOTH_BACKENDS
 def test_concurrent_meters_every_valid_line_stored_exactly_once(stack):
     expected: Counter = Counter()
     payloads = []

@@ -4,13 +4,22 @@ retention."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import numpy as np
 import pytest
 
-from shared.config import Meter
-from shared.db import HOUR_US, MINUTE_US, PowerBatch, RawBatch, Retention, open_database
+from shared.config import Circuit, Meter
+from shared.db import (
+    HOUR_US,
+    MINUTE_US,
+    NotReady,
+    PowerBatch,
+    RawBatch,
+    Retention,
+    open_database,
+)
 from tests.shared.db.conftest import T0
 
 METERS = (Meter("10.0.0.1", "V", 0.0, 110.0), Meter("10.0.0.2", "A", 0.0, 5.0))
@@ -56,6 +65,17 @@ def test_a_batch_seen_again_is_skipped_in_any_order(db_url):
     assert db.write([raw("other", 0, 5, 100)]) == [True]  # another stream, its own numbers
     assert stored(db) == expected(b0, b1, b2, raw("other", 0, 5, 100))
     assert db.totals()["readings"] == 35
+    db.close()
+
+
+def test_a_streams_first_batch_after_its_second_is_applied(db_url):
+    # base 0: nothing of the stream is known applied (batches are numbered from 0), so no low
+    # mark may cover batch 0 yet (two replicas commit a stream's batches in any order)
+    db = open_database(db_url, METERS)
+    assert db.write([raw("s", 1, 3, 3)]) == [True]
+    assert db.write([raw("s", 0, 3)]) == [True]
+    assert db.write([raw("s", 0, 3), raw("s", 1, 3, 3)]) == [False, False]
+    assert db.totals()["readings"] == 6
     db.close()
 
 
@@ -190,8 +210,6 @@ def test_power_rollups_hold_energy_and_follow_corrections(db_url):
 
 
 def test_progress_only_rises_and_replace_power_drops_stale_points(db_url):
-    from shared.config import Circuit
-
     db = open_database(db_url, METERS)
     db.write([PowerBatch(power_cols(b"main", [1, 2, 3], [1.0, 2.0, 3.0]),
                          progress={"main": 2})])
@@ -203,4 +221,100 @@ def test_progress_only_rises_and_replace_power_drops_stale_points(db_url):
     assert list(zip(got["ts_us"].tolist(), got["watts"].tolist(), strict=True)) == \
         [(1, 1.0), (3, 30.0)]
     assert db.totals()["power_writes"] == 4 + 1  # points written (a rewrite counts again)
+    db.close()
+
+
+def numbered(source: str, seq: int, lines: range, bad: tuple[int, ...] = ()) -> RawBatch:
+    """A batch of the acknowledged mode: sender ``m1`` numbered these lines; those in
+    ``bad`` were rejected lines (the rest readings)."""
+    good = np.array([k for k in lines if k not in bad], np.int64)
+    b = RawBatch(source, seq, 0, good % 2, T0 + good * 1000, good * 1.0,
+                 [(1.0, "127.0.0.1:1", "malformed", "m", b"x%d" % k) for k in bad])
+    b.senders = ["m1"]
+    b.reading_sender, b.reading_no = np.zeros(len(good), np.int64), good
+    b.rejected_sender, b.rejected_no = [0] * len(bad), list(bad)
+    return b
+
+
+def test_lines_a_sender_resent_are_skipped_readings_and_rejected_alike(db_url):
+    db = open_database(db_url, METERS)
+    first = numbered("a", 0, range(0, 10), bad=(3, 8))
+    assert db.write([first]) == [True]
+    again = numbered("b", 0, range(5, 15), bad=(8, 12))  # after a reconnect, another stream
+    assert db.write([again]) == [True]
+    assert again.resent == 5  # lines 5..9 were in
+    assert again.reading_no.tolist() == [10, 11, 13, 14]  # every column filtered alike
+    assert len(again.meter) == len(again.ts_us) == len(again.value) == 4
+    assert (again.rejected_no, [r[4] for r in again.rejected]) == ([12], [b"x12"])
+    t = db.totals()
+    assert (t["readings"], t["rejected"]) == (12, 3)  # 15 lines, 0..14, each once
+    assert stored(db) == expected(numbered("x", 0, range(0, 15), bad=(3, 8, 12)))
+    db.close()
+
+
+def test_a_reader_waits_for_the_schema_and_writes_nothing(db_url):
+    for _ in range(2):  # nothing there yet (storage makes it), and a reader made nothing
+        with pytest.raises(NotReady):
+            open_database(db_url, METERS, writer=False)
+    db = open_database(db_url, METERS[:1])
+    db.write([RawBatch("s", 0, 0, np.zeros(2, np.int64), T0 + np.array([0, 2000]),
+                       np.array([1.0, 2.0]))])
+    reader = open_database(db_url, writer=False)
+    assert reader.readings(IPS, 0, 2**62)["ts_us"].tolist() == [T0, T0 + 2000]
+    assert reader.totals()["readings"] == 2
+    assert reader.newest(IPS) == {IPS[0]: T0 + 2000} and reader.progress() == {}
+    reader.close()
+    db.close()
+
+
+def test_newest_and_oldest_times(db_url):
+    db = open_database(db_url, METERS)
+    db.write([raw("s", 0, 10)])  # meter 0 at T0 + 0, 2, 4, 6, 8 ms; meter 1 at 1, 3, ...
+    db.write([PowerBatch(power_cols(b"main", [T0 + 5, T0 + 9], [1.0, 2.0]))])
+    assert db.newest(IPS + ["10.9.9.9"]) == {IPS[0]: T0 + 8000, IPS[1]: T0 + 9000}
+    assert db.oldest(IPS) == {IPS[0]: T0, IPS[1]: T0 + 1000}
+    assert db.oldest(IPS, after=T0 + 7000) == {IPS[0]: T0 + 8000, IPS[1]: T0 + 9000}
+    assert db.oldest(IPS, after=T0 + 9000) == {}
+    assert db.newest_power(["main", "aux"]) == {"main": T0 + 9}
+    db.close()
+
+
+def minute_rollups(db) -> dict[int, tuple]:
+    got = db.rollup("power", "1m", ["main"], 0, 2**62)
+    return {t: (n, s, wh) for t, n, s, wh in zip(
+        *(got[k].tolist() for k in ("t", "n", "sum", "wh")), strict=True)}
+
+
+def test_a_rollup_read_before_a_correction_is_done_again(db_url):
+    db = open_database(db_url, METERS)
+    m = T0 - T0 % MINUTE_US
+    ts = [m + k * 1_000_000 for k in range(5)]
+    db.write([PowerBatch(power_cols(b"main", ts, [100.0] * 5))])
+    read_at = time.time()
+    stale = [(cid, t, db.power_minute(cid, t)) for cid, t in db.dirty_power_minutes(2e9)]
+    db.write([PowerBatch(power_cols(b"main", ts, [200.0] * 5))])  # after the read
+    db.store_power_rollups(stale, read_at)
+    assert {t for _, t in db.dirty_power_minutes(2e9)} >= {m}  # still to do
+    while db.rollup_step(2e9):
+        pass
+    assert minute_rollups(db) == {m: (5, 1000.0, pytest.approx(200 * 4 / 3600))}
+    assert db.rollup("power", "1h", ["main"], 0, 2**62)["sum"].tolist() == [1000.0]
+    db.close()
+
+
+def test_replace_power_redoes_the_rollups_of_the_minutes_it_changes(db_url):
+    db = open_database(db_url, METERS)
+    m = T0 - T0 % MINUTE_US
+    ts = [m + k * 1_000_000 for k in range(0, 120, 2)]  # two minutes, a point every 2 s
+    db.write([PowerBatch(power_cols(b"main", ts, [100.0] * 60))])
+    while db.rollup_step(2e9):
+        pass
+    assert sorted(minute_rollups(db)) == [m, m + MINUTE_US]
+    main = Circuit("main", "10.0.0.1", "10.0.0.2")
+    db.replace_power(main, m + MINUTE_US, m + 2 * MINUTE_US, power_cols(b"main", [], []))
+    while db.rollup_step(2e9):
+        pass
+    # the second minute has no points left; the first's last point has no next one now
+    assert minute_rollups(db) == {m: (30, 3000.0, pytest.approx(100 * 58 / 3600))}
+    assert db.rollup("power", "1h", ["main"], 0, 2**62)["n"].tolist() == [30]
     db.close()

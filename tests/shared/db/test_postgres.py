@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -20,8 +21,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared.config import Meter
-from shared.db import HOUR_US, MINUTE_US, DiskFull, PowerBatch, RawBatch, Retention, open_database
-from shared.db.postgres import DAY_US, PostgresDatabase, copy_binary
+from shared.db import (
+    HOUR_US,
+    MINUTE_US,
+    DiskFull,
+    NotReady,
+    PowerBatch,
+    RawBatch,
+    Retention,
+    open_database,
+)
+from shared.db.postgres import DAY_US, PostgresDatabase, copy_binary, shown_url
 from tests.shared.db.conftest import T0
 
 METERS = (Meter("10.0.0.1", "V", 0.0, 110.0), Meter("10.0.0.2", "A", 0.0, 5.0))
@@ -170,6 +180,52 @@ def test_one_senders_lines_in_two_batches_at_once_are_stored_once(pg_url):
     b.close()
 
 
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql://u:s%40cret@db.example:5432/w", "postgresql://u:***@db.example:5432/w"),
+    ("postgresql://u@/w?host=/run/pg&password=s3&port=1",
+     "postgresql://u@/w?host=/run/pg&password=***&port=1"),
+    ("postgres://db.example/w", "postgres://db.example/w"),
+])
+def test_the_url_shown_in_logs_has_no_password(url, shown):
+    assert shown_url(url) == shown
+
+
+def power_points(ts: list[int], watts: float) -> dict:
+    n = len(ts)
+    return {"circuit": np.array([b"main"] * n), "v_meter": np.array([b"10.0.0.1"] * n),
+            "a_meter": np.array([b"10.0.0.2"] * n), "ts_us": np.array(ts, np.int64),
+            "watts": np.full(n, watts), "volts": np.full(n, 10.0), "amps": np.full(n, watts / 10)}
+
+
+@pytest.mark.parametrize("first", ["stale", "fresh"])
+def test_a_replicas_stale_rollup_never_overwrites_a_fresher_one(pg_url, first):
+    """Every replica computes rollups: one read a minute before a correction, another after
+    it; whichever stores first, the minute ends up with the corrected points."""
+    a, b = open_database(pg_url, METERS), open_database(pg_url, METERS)
+    m = T0 - T0 % MINUTE_US
+    ts = [m + k * 1_000_000 for k in range(10)]
+    a.write([PowerBatch(power_points(ts, 100.0))])
+
+    def computed(db) -> tuple[list, float]:
+        read_at = time.time()
+        return [(c, t, db.power_minute(c, t)) for c, t in db.dirty_power_minutes(2e9)], read_at
+
+    stale = computed(a)
+    b.write([PowerBatch(power_points(ts, 300.0))])  # the correction, after a's read
+    fresh = computed(b)
+    for db, rows in ((a, stale), (b, fresh))[:: 1 if first == "stale" else -1]:
+        db.store_power_rollups(*rows)
+    while a.rollup_step(2e9):
+        pass
+    got = a.rollup("power", "1m", ["main"], 0, 2**62)
+    assert (got["t"].tolist(), got["sum"].tolist()) == ([m], [3000.0])
+    assert got["wh"].tolist() == [pytest.approx(300 * 9 / 3600)]
+    assert a.rollup("power", "1h", ["main"], 0, 2**62)["sum"].tolist() == [3000.0]
+    assert a.dirty_power_minutes(2e9) == []
+    a.close()
+    b.close()
+
+
 # ---- partitions ----------------------------------------------------------------------------
 
 def partitions(url: str, table: str) -> list[str]:
@@ -249,6 +305,23 @@ def test_an_existing_database_keeps_its_partition_width(pg_url):
     db.close()
 
 
+def test_schema_2_is_migrated_and_readers_wait_for_it(pg_url):
+    db = open_database(pg_url, METERS)
+    db.write([PowerBatch(power_points([T0, T0 + 1], 5.0))])
+    db.close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:  # as the first backend left it
+        conn.execute("DROP TABLE power_dirty, power_progress")
+        conn.execute("UPDATE totals SET name = 'power' WHERE name = 'power_writes'")
+        conn.execute("UPDATE wattflow_schema SET version = 2")
+    with pytest.raises(NotReady):
+        open_database(pg_url, writer=False)
+    open_database(pg_url, METERS).close()  # storage starts: migrated
+    reader = open_database(pg_url, writer=False)
+    assert reader.totals()["power_writes"] == 2 and "power" not in reader.totals()
+    assert reader.progress() == {} and reader.newest_power(["main"]) == {"main": T0 + 1}
+    reader.close()
+
+
 # ---- the fast path against psycopg's own binary rows -------------------------------------
 
 @settings(max_examples=40, deadline=None,
@@ -320,19 +393,28 @@ def test_full_disk_raises_diskfull_and_the_same_batches_go_in_later(small_tables
     url, mnt = small_tablespace
     db = open_database(url, METERS)
     db.write([batch("s", 0, n=2000)])
-    filler = fill(mnt)
     failed = None
+
+    def numbered(seq: int, lines: range) -> RawBatch:  # the acknowledged mode
+        b = batch("t", seq, n=len(lines), start=lines[0])
+        b.senders = ["meter-1"]
+        b.reading_sender = np.zeros(len(lines), np.int64)
+        b.reading_no = np.array(lines, np.int64)
+        return b
+
+    db.write([numbered(0, range(0, 10))])
+    filler = fill(mnt)
     with pytest.raises(DiskFull):
-        for seq in range(1, 400):
-            failed = [batch("s", seq, n=2000), batch("t", seq, n=10)]
-            failed[1].senders = ["meter-1"]  # the acknowledged mode: put back after a failure
-            failed[1].reading_sender = np.zeros(10, np.int64)
-            failed[1].reading_no = np.arange(10, dtype=np.int64) + 10 * seq
+        for seq in range(1, 400):  # lines 10 seq - 5 .. 10 seq + 9: the first 5 are in
+            failed = [batch("s", seq, n=2000), numbered(seq, range(10 * seq - 5, 10 * seq + 10))]
             db.write(failed)
-    assert len(failed[1].meter) == 10  # as it came
+    # as it came (drop_resent's filtering put back: the next try filters and counts again)
+    assert (len(failed[1].meter), len(failed[1].reading_no), failed[1].resent) == (15, 15, 0)
     filler.unlink()  # space returns
     assert db.write(failed) == [True, True]  # the same objects, as storage's writer retries
+    assert failed[1].resent == 5 and len(failed[1].meter) == len(failed[1].reading_no) == 10
     seq = failed[0].seq
-    assert db.totals()["readings"] == 2000 * (seq + 1) + 10
-    assert stored(db) == expected([batch("s", q, n=2000) for q in range(seq + 1)] + [failed[1]])
+    assert db.totals()["readings"] == 2000 * (seq + 1) + 10 * (seq + 1)
+    assert stored(db) == expected([batch("s", q, n=2000) for q in range(seq + 1)]
+                                  + [batch("t", 0, n=10 * (seq + 1), start=0)])
     db.close()
