@@ -118,6 +118,8 @@ def _export_parser(sub, common) -> None:
     ex.add_argument("--output", "-o", metavar="FILE", help="write here (default: stdout)")
     ex.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                     help="progress bar on stderr (default: when stderr is a terminal)")
+    ex.add_argument("--chunk", type=int, default=50_000, metavar="ROWS",
+                    help="rows read per query, the most held at once (default 50000)")
 
 
 def cmd_export(cfg, args) -> int:
@@ -157,7 +159,7 @@ def cmd_export(cfg, args) -> int:
     out = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout
     try:
         rows = export.write(db, "power" if power else "readings", names, t0, t1, fmt, out,
-                            args.progress)
+                            args.progress, max(1, args.chunk))
     except BrokenPipeError:
         return 0
     finally:

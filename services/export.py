@@ -103,7 +103,7 @@ def encoded(db, kind: str, names: list[str], t0_us: int, t1_us: int,
 
 
 def write(db, kind: str, names: list[str], t0_us: int, t1_us: int, fmt: str, out: TextIO,
-          progress: bool | None = None) -> int:
+          progress: bool | None = None, chunk: int = CHUNK) -> int:
     """The export to ``out`` with a progress bar on stderr when it is a terminal (``progress``
     None) or when asked; returns the rows written. The bar counts data time covered."""
     from tqdm import tqdm
@@ -119,8 +119,8 @@ def write(db, kind: str, names: list[str], t0_us: int, t1_us: int, fmt: str, out
     done = 0.0  # data seconds covered by finished names
     current = None
     out.write(header(kind, fmt))
-    source = by_time(db, names, t0_us, t1_us) if fmt == "power-log" else chunks(
-        db, kind, names, t0_us, t1_us)
+    source = by_time(db, names, t0_us, t1_us, chunk) if fmt == "power-log" else chunks(
+        db, kind, names, t0_us, t1_us, chunk)
     try:
         for cols in source:
             out.write(encode(cols, kind, fmt))

@@ -203,11 +203,11 @@ class BadTime(ValueError):
     """A time argument that cannot be read; the message says what is accepted."""
 
 
-_RELATIVE = re.compile(r"^-(\d+(?:\.\d+)?)\s*(s|m|min|h|d)$")
+_RELATIVE = re.compile(r"^-?(\d+(?:\.\d+)?)\s*(s|m|min|h|d)$")  # before now
 _UNITS_US = {"s": SECOND_US, "m": MINUTE_US, "min": MINUTE_US, "h": HOUR_US, "d": DAY_US}
 TIME_HELP = ("a date and time (2026-11-27 14:00, 2026-11-27T14:00:00.5; without a zone: in "
-             "dashboard.timezone), a date (from its midnight), now, a time before now (-15m, "
-             "-2h, -1d), or @SECONDS since 1970")
+             "dashboard.timezone), a date (from its midnight), now, a time that long before "
+             "now (15m, 2h, 1d, 90s; also -15m), or @SECONDS since 1970")
 
 
 def parse_time(text: str, tz: ZoneInfo, now_us: int) -> int:
