@@ -4,6 +4,7 @@ except in CI (CI=true), where .ci/run installs them and a missing one is a failu
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import time
@@ -57,14 +58,33 @@ def close_stack(stack: Stack) -> None:
     stack.close()
 
 
+def backfill(stack: Stack, now_us: int, seconds: int = 270, hole: tuple = (150, 120)) -> None:
+    """The simulated meters' last ``seconds`` (10 readings/s, slow waves) with no readings
+    from ``hole[0]`` to ``hole[1]`` seconds ago: history with a gap, before the live data."""
+    meters = [("10.0.0.1", 0, 110), ("10.0.0.2", 0, 0.5), ("10.0.0.3", 0.2, 1),
+              ("10.0.0.4", 1, 5)][:SIMULATED]
+    lines = []
+    for k in range(seconds * 10):
+        ago_s = seconds - k / 10
+        if hole[1] < ago_s < hole[0]:
+            continue
+        ts = format_us(now_us - int(ago_s * 1e6)).encode()
+        for i, (ip, lo, hi) in enumerate(meters):
+            wave = 0.5 + 0.4 * math.sin(2 * math.pi * k / (900 + 170 * i) + i)
+            lines.append(b"%s\t%s\t%.4f\n" % (ip.encode(), ts, lo + (hi - lo) * wave))
+    stack.send(b"".join(lines))
+
+
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, chromium_ready):
-    """A stack with simulated meters (10 lines/s each) and the dashboard; 10.0.0.5 has a few
-    readings at the start and then none (stale)."""
+    """A stack with simulated meters (10 lines/s each, and their last four and a half minutes
+    sent at the start, with a 30 s hole) and the dashboard; 10.0.0.5 has a few readings at
+    the start and then none (stale)."""
     stack = make_stack(tmp_path_factory.mktemp("live"))
     try:
         stack.start()
         stack.wait_ready()
+        backfill(stack, time.time_ns() // 1000)
         stack.procs["simulate"] = subprocess.Popen(
             [*stack.wattflow("simulate"), "--meters", str(SIMULATED), "--rate", "10"],
             env=stack.env, cwd=stack.tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -295,7 +295,8 @@ function renderCharts() {
     if (m.unit === "V") volts.push({label: m.ip, color: PALETTE[(v++ + 4) % PALETTE.length], s});
     else {
       const [name, i] = circuitOf[m.ip] || [null, amps.length];
-      amps.push({label: name ? `${m.ip} (${name})` : m.ip, color: circuitColor(i), s});
+      const label = name && name !== m.ip ? `${m.ip} (circuit ${name})` : m.ip;
+      amps.push({label, color: circuitColor(i), s});
     }
   }
   draw("power", power, "W");
@@ -310,7 +311,7 @@ function totalOf(lines) {
   const times = [...new Set(lines.flatMap(l => l.s.t))].sort((a, b) => a - b);
   const out = {t: [], mean: [], min: [], max: [], n: [], gap: []};
   const pos = lines.map(() => -1);
-  let had = false;
+  let had = false, lastT = -Infinity;
   for (const t of times) {
     let sum = 0, any = false;
     lines.forEach((l, j) => {
@@ -323,8 +324,8 @@ function totalOf(lines) {
     });
     if (!any) { had = false; continue; }
     out.t.push(t); out.mean.push(sum); out.min.push(sum); out.max.push(sum); out.n.push(1);
-    out.gap.push(!had);
-    had = true;
+    out.gap.push(!had || t - lastT > hold);
+    had = true; lastT = t;
   }
   return out;
 }
