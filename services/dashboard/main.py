@@ -101,7 +101,8 @@ class Dashboard:
         circuits = self.names(query, "circuit", self.circuits)
         meters = self.names(query, "meter", self.meters)
         most = self.dc["max_points"]
-        step = history.choose_step(t1 - t0, min(int(query.get("points", most)), most))
+        points = _int(query.get("points", str(most)), "points")
+        step = history.choose_step(t1 - t0, max(10, min(points, most)))
         if "step" in query:  # the page's tail requests: its window's step, on a short range
             asked = _int(query["step"], "step")
             if asked >= 1 and history.bucket_count(t0, t1, asked) <= most:
