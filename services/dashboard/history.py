@@ -106,7 +106,9 @@ def missing_runs(have: np.ndarray, first_us: int, last_us: int,
     if last_us < first_us:
         return []
     every = np.arange(first_us, last_us + 1, width, dtype=np.int64)
-    gone = every[~np.isin(every, have)]
+    have = np.sort(np.asarray(have, np.int64))
+    at = np.minimum(np.searchsorted(have, every), max(0, len(have) - 1))
+    gone = every[~((have[at] == every) if len(have) else np.zeros(len(every), bool))]
     if not len(gone):
         return []
     breaks = np.flatnonzero(np.diff(gone) != width)

@@ -123,25 +123,26 @@ class Dashboard:
         db = self.database()
         stale = self.dc["stale_after_s"]
         out = {"now_us": now, "timezone": self.dc["timezone"], "circuits": {}, "meters": {}}
-        newest = db.newest_power(self.circuits)
-        for name, ts in newest.items():
-            p = db.power([name], ts, ts)
+        p = db.latest("power", self.circuits)
+        for name, ts, watts, volts, amps in zip(
+                *(p[k].tolist() for k in ("name", "ts_us", "watts", "volts", "amps")),
+                strict=True):
             age = max(0.0, (now - ts) / 1e6)
-            out["circuits"][name] = {"ts_us": ts, "watts": float(p["watts"][-1]),
-                                     "volts": float(p["volts"][-1]),
-                                     "amps": float(p["amps"][-1]), "age_s": round(age, 3),
-                                     "stale": age > stale}
+            out["circuits"][name.decode()] = {"ts_us": ts, "watts": watts, "volts": volts,
+                                              "amps": amps, "age_s": round(age, 3),
+                                              "stale": age > stale}
         out["total_w"] = sum(c["watts"] for c in out["circuits"].values() if not c["stale"])
         units = {m.ip: m.unit for m in self.cfg.meters}
-        seen = db.newest(self.meters)
+        r = db.latest("readings", self.meters)
+        seen = {n.decode(): (ts, v) for n, ts, v in zip(
+            r["name"].tolist(), r["ts_us"].tolist(), r["value"].tolist(), strict=True)}
         for ip in self.meters:
             entry = {"unit": units[ip], "ts_us": None, "value": None, "age_s": None,
                      "stale": True}
             if ip in seen:
-                r = db.readings([ip], seen[ip], seen[ip])
-                age = max(0.0, (now - seen[ip]) / 1e6)
-                entry.update(ts_us=seen[ip], value=float(r["value"][-1]), age_s=round(age, 3),
-                             stale=age > stale)
+                ts, value = seen[ip]
+                age = max(0.0, (now - ts) / 1e6)
+                entry.update(ts_us=ts, value=value, age_s=round(age, 3), stale=age > stale)
             out["meters"][ip] = entry
         midnight = history.local_midnight_us(now, self.tz)
         out["energy"] = {"today": self._energy(db, midnight, now)}

@@ -166,3 +166,30 @@ def test_iter_power_gives_every_point_once_in_chunks(db, data, chunk):
     want = list(zip(*(plain[c].tolist() for c in cols), strict=True))
     assert sorted(got) == sorted(want)
     assert got == sorted(got, key=lambda r: (r[0] != b"aux", r[1]))  # by circuit, then time
+
+
+@EXAMPLE
+@given(data=st.data())
+def test_latest_is_the_newest_row_of_each(db, data):
+    base = region(db)
+    off = data.draw(offsets)
+    meter = data.draw(st.lists(st.integers(0, 1), min_size=len(off), max_size=len(off)))
+    value = np.arange(len(off), dtype=np.float64)
+    db.write([RawBatch(f"s{base}", 0, 0, np.array(meter, np.int64),
+                       base + np.array(off, np.int64), value)])
+    got = db.latest("readings", IPS + ["10.9.9.9"])
+    every = db.readings(IPS, 0, 2**62)  # (earlier examples' rows too)
+    rows = {(m.decode(), t, v) for m, t, v in zip(
+        *(every[c].tolist() for c in ("meter", "ts_us", "value")), strict=True)}
+    want = {ip: max(t for i, t, _ in rows if i == ip) for ip in IPS if any(
+        i == ip for i, _, _ in rows)}
+    assert {n.decode(): t for n, t in zip(got["name"].tolist(), got["ts_us"].tolist(),
+                                          strict=True)} == want
+    for n, t, v in zip(got["name"].tolist(), got["ts_us"].tolist(), got["value"].tolist(),
+                       strict=True):
+        assert (n.decode(), t, v) in rows  # (of rows of one time: any one)
+    _, ts, watts = power_example(db, data, "main")
+    db.write([PowerBatch(power_cols("main", [int(ts[-1]) - 1], [3.0], "10.0.0.3"))])
+    got = db.latest("power", ["main", "nobody"])
+    assert got["name"].tolist() == [b"main"] and got["ts_us"].tolist() == [int(ts[-1])]
+    assert got["watts"].tolist() == [watts[-1]] and got["amps"].tolist() == [watts[-1] / 10]
