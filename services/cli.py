@@ -16,20 +16,21 @@ from shared import config as config_mod
 from shared import topics
 from shared.service import EXIT_CANNOT_START, CannotStart, setup_logging
 
-SERVICES = ("broker", "ingest", "storage", "power", "plotter")
+SERVICES = ("broker", "ingest", "storage", "power", "plotter", "dashboard")
 SCALABLE = ("ingest", "storage", "power", "plotter")
 log = logging.getLogger("wattflow")
 
 
 def _service(name: str):
     from services import broker
+    from services.dashboard import main as dashboard
     from services.ingest import main as ingest
     from services.plotter import main as plotter
     from services.power import main as power
     from services.storage import main as storage
 
     return {"broker": broker, "ingest": ingest, "storage": storage, "power": power,
-            "plotter": plotter}[name].run
+            "plotter": plotter, "dashboard": dashboard}[name].run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,7 +119,85 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--allow", nargs="+", default=["subscribe"], metavar="ROLE",
                       help="roles of the NAMEs' keys: publish, subscribe, pull "
                            "(default: subscribe)")
+    _export_parser(sub, common)
     return parser
+
+
+# ---- wattflow export (services/export.py) ----------------------------------------------------
+
+def _export_parser(sub, common) -> None:
+    from services.dashboard.history import TIME_HELP
+
+    ex = sub.add_parser(
+        "export", parents=[common], help="readings or power from the database as CSV or JSON",
+        description="Stream readings (default) or power points from the database, a chunk at a "
+                    "time, with a progress bar on a terminal. Rows by meter or circuit, then "
+                    "time; times as stored (the meters' clock, UTC).")
+    ex.add_argument("--from", dest="t0", required=True, metavar="T", help=f"start: {TIME_HELP}")
+    ex.add_argument("--to", dest="t1", default="now", metavar="T", help="end (default now)")
+    ex.add_argument("--meter", action="append", default=[], nargs="+", metavar="IP",
+                    help="readings of these meters (default: all)")
+    ex.add_argument("--circuit", action="append", default=[], nargs="+", metavar="NAME",
+                    help="power of these circuits (implies --power; default: all)")
+    ex.add_argument("--power", action="store_true", help="power points instead of readings")
+    ex.add_argument("--format", choices=("csv", "jsonl"), default="csv",
+                    help="csv (default) or jsonl (one JSON object per line)")
+    ex.add_argument("--power-log", action="store_true",
+                    help="the original program's power log: watts|YYYY-MM-DD HH:MM:SS.ffffff "
+                         "per line, in time order (implies --power)")
+    ex.add_argument("--output", "-o", metavar="FILE", help="write here (default: stdout)")
+    ex.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                    help="progress bar on stderr (default: when stderr is a terminal)")
+    ex.add_argument("--chunk", type=int, default=50_000, metavar="ROWS",
+                    help="rows read per query, the most held at once (default 50000)")
+
+
+def cmd_export(cfg, args) -> int:
+    from zoneinfo import ZoneInfo
+
+    from services import export
+    from services.dashboard.history import BadTime, parse_time
+    from shared.db import NotReady, open_database, storage_url
+
+    meters = [m for group in args.meter for m in group]
+    circuits = [c for group in args.circuit for c in group]
+    power = args.power or args.power_log or bool(circuits)
+    if power and meters:
+        print("wattflow export: --meter is for readings; --circuit (or --power) for power",
+              file=sys.stderr)
+        return 2
+    known = [c.name for c in cfg.circuits] if power else [m.ip for m in cfg.meters]
+    names = (circuits if power else meters) or known
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        print(f"wattflow export: unknown {'circuit' if power else 'meter'} {unknown[0]!r} "
+              f"(configured: {', '.join(known)})", file=sys.stderr)
+        return 2
+    now = time.time_ns() // 1000
+    tz = ZoneInfo(cfg.dashboard["timezone"])
+    try:
+        t0, t1 = parse_time(args.t0, tz, now), parse_time(args.t1, tz, now)
+    except BadTime as exc:
+        print(f"wattflow export: {exc}", file=sys.stderr)
+        return 2
+    try:
+        db = open_database(storage_url(cfg.storage), writer=False)
+    except NotReady as exc:
+        print(f"wattflow export: {exc}", file=sys.stderr)
+        return 1
+    fmt = "power-log" if args.power_log else args.format
+    out = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout
+    try:
+        rows = export.write(db, "power" if power else "readings", names, t0, t1, fmt, out,
+                            args.progress, max(1, args.chunk))
+    except BrokenPipeError:
+        return 0
+    finally:
+        db.close()
+        if args.output:
+            out.close()
+    log.info("exported %d rows to %s", rows, args.output or "stdout")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_recompute(cfg, args)
     try:
         return {"up": cmd_up, "simulate": cmd_simulate, "tap": cmd_tap, "status": cmd_status,
-                "health": cmd_health, "keys": cmd_keys}[args.command](cfg, args)
+                "health": cmd_health, "keys": cmd_keys,
+                "export": cmd_export}[args.command](cfg, args)
     except config_mod.ConfigError as exc:
         print(f"wattflow: bad config: {exc}", file=sys.stderr)
         return 2

@@ -29,7 +29,8 @@ from shared.config import Config
 from shared.service import EXIT_CANNOT_START, bound_ports, port_taken
 
 log = logging.getLogger("up")
-STOP_WAVES = (("simulate",), ("ingest",), ("storage", "power", "plotter"), ("broker",))
+STOP_WAVES = (("simulate",), ("ingest",), ("storage", "power", "plotter", "dashboard"),
+              ("broker",))
 FIRST_PAUSE_S = 1.0
 MAX_PAUSE_S = 30.0
 STABLE_S = 60.0  # a service that ran this long starts its back-off afresh when it crashes
@@ -47,6 +48,7 @@ class Supervisor:
         self.names = ["broker"] + [name if i == 1 else f"{name}-{i}"
                                    for name in ("storage", "power", "plotter", "ingest")
                                    for i in range(1, scale.get(name, 1) + 1)]
+        self.names.append("dashboard")  # the web page (one instance; it reads the database)
         if simulate_rate is not None:
             self.names.append("simulate")
         self.simulate_rate = simulate_rate
@@ -85,8 +87,10 @@ class Supervisor:
 
     def preflight(self) -> bool:
         """Every port the stack binds must be free: say which is not, and how to change it."""
+        from services.dashboard.main import dashboard_port
+
         ok = True
-        for port in bound_ports(self.cfg):
+        for port in [*bound_ports(self.cfg), dashboard_port(self.cfg)]:
             reason = port_taken(port.host, port.port)
             if reason:
                 log.error("cannot start: %s", port.explain(reason))
@@ -110,6 +114,8 @@ class Supervisor:
         log.info("wattflow up: meters -> tcp port %s, charts -> %s/power.png, database -> %s; "
                  "Ctrl-C stops", self.cfg.ingest["port"], self.cfg.plotter["dir"],
                  self.cfg.storage["path"])
+        log.info("dashboard: http://%s:%s/", self.cfg.dashboard["host"],
+                 self.cfg.dashboard["port"])
         while not self.stopping.wait(0.2):
             self.watch()
         code = self.stop()
@@ -143,7 +149,7 @@ class Supervisor:
             self.due[name] = now + pause
 
     def stop(self) -> int:
-        log.info("stopping: meters, ingest, then storage/power/plotter, broker last")
+        log.info("stopping: meters, ingest, then storage/power/plotter/dashboard, broker last")
         worst = 0
         for wave in STOP_WAVES:
             procs = [(n, p) for n, p in self.procs.items() if service_of(n) in wave]

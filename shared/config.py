@@ -92,6 +92,9 @@ DEFAULTS: dict[str, Any] = {
     "plotter": {"dir": "plots", "window_s": 300, "interval_s": 1.0, "max_points": 3000},
     "runtime": {"run_dir": "/tmp/wattflow", "log_level": "INFO", "stats_interval_s": 1.0,
                 "scale": {"ingest": 1, "storage": 1, "power": 1, "plotter": 1}},
+    # the dashboard (services/dashboard): a web page of live charts, history, energy, export
+    "dashboard": {"host": "127.0.0.1", "port": 8080, "timezone": "UTC", "stale_after_s": 10.0,
+                  "max_points": 1000, "refresh_s": 1.0},
 }
 
 
@@ -127,6 +130,7 @@ class Config:
     runtime: dict[str, Any]
     source: str = "built-in defaults"
     meter_by_ip: dict[str, Meter] = field(default_factory=dict, compare=False)
+    dashboard: dict[str, Any] = field(default_factory=lambda: dict(DEFAULTS["dashboard"]))
 
 
 def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> Config:
@@ -210,6 +214,7 @@ def _build(raw: dict[str, Any], source: str, base_dir: Path) -> Config:
         runtime=raw["runtime"],
         source=source,
         meter_by_ip=by_ip,
+        dashboard=raw["dashboard"],
     )
 
 
@@ -334,6 +339,8 @@ _INTS = {
     ("bus", "hwm"): (1, 10_000_000),
     ("bus", "pull_hwm"): (1, 10_000_000),
     ("bus", "work_hwm"): (1, 10_000_000),
+    ("dashboard", "port"): (1, 65535),
+    ("dashboard", "max_points"): (10, 100_000),
 }
 _POSITIVE = {
     ("ingest", "flush_ms"),
@@ -348,6 +355,8 @@ _POSITIVE = {
     ("plotter", "window_s"),
     ("plotter", "interval_s"),
     ("runtime", "stats_interval_s"),
+    ("dashboard", "stale_after_s"),
+    ("dashboard", "refresh_s"),
 }
 _STRINGS = {
     ("bus", "publish"),
@@ -369,6 +378,8 @@ _STRINGS = {
     ("plotter", "dir"),
     ("runtime", "run_dir"),
     ("runtime", "log_level"),
+    ("dashboard", "host"),
+    ("dashboard", "timezone"),
 }
 
 
@@ -427,7 +438,19 @@ def _check_sections(raw: dict[str, Any]) -> None:
         if not isinstance(value, bool):
             raise ConfigError(f"{section}.{key}: expected true or false, got {value!r}")
     raw["ingest"]["allow"] = _networks(raw["ingest"]["allow"], "ingest.allow")
+    _check_timezone(raw["dashboard"]["timezone"])
     level = raw["runtime"]["log_level"].upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"runtime.log_level: expected DEBUG, INFO, WARNING or ERROR, got {level}")
     raw["runtime"]["log_level"] = level
+
+
+def _check_timezone(name: str) -> None:
+    """dashboard.timezone must be an IANA zone name that zoneinfo knows."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"dashboard.timezone: expected a time zone name such as UTC or "
+                          f"Europe/Berlin, got {name!r}") from None

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import heapq
 import logging
 import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -720,6 +722,127 @@ class SqliteDatabase:
         names_ = ("name", "t", "n", "sum", "min", "max") + (("wh",) if extra else ())
         types = ("S", np.int64, np.int64) + (np.float64,) * (len(names_) - 3)
         return _columns(rows, names_, types)
+
+    # ---- history and export (the dashboard, `wattflow export`) ---------------------------
+    # Reads that return a bounded result whatever the range: rows aggregated into buckets, the
+    # rollups' energy over any range, and every row of a range a chunk at a time.
+
+    def buckets(self, kind: str, names: list[str], t0_us: int, t1_us: int,
+                step_us: int) -> dict[str, np.ndarray]:
+        """Stored ``readings`` (``value``, by meter) or ``power`` (``watts``, by circuit) with
+        t0 <= ts_us <= t1, aggregated in buckets of ``step_us`` aligned to 1970 (a row is in
+        the bucket starting at ts_us - ts_us % step_us): one row per name and bucket that holds
+        rows, columns name, t (bucket start), n, sum, min, max, first, last (the earliest and
+        latest ts_us in the bucket), by name (in the order given) then t."""
+        if kind not in ("readings", "power") or step_us < 1:
+            raise ValueError(f"no buckets of {kind} by {step_us} us")
+        value, owner = (("value", "meter_id IN (SELECT id FROM meters WHERE ip = ?)")
+                        if kind == "readings" else
+                        ("watts", "circuit_id IN (SELECT id FROM circuits WHERE name = ?)"))
+        sql = (f"SELECT ts_us - ts_us % ? AS b, count(*), sum({value}), min({value}),"
+               f" max({value}), min(ts_us), max(ts_us) FROM {kind} WHERE {owner}"
+               f" AND ts_us BETWEEN ? AND ? GROUP BY b ORDER BY b")
+        rows = []
+        for name in names:
+            rows += [(name, *r) for r in self._reader().execute(
+                sql, (step_us, name, t0_us, t1_us))]
+        return _columns(rows, ("name", "t", "n", "sum", "min", "max", "first", "last"),
+                        ("S", np.int64, np.int64, np.float64, np.float64, np.float64,
+                         np.int64, np.int64))
+
+    def held_wh(self, circuits: list[str], t0_us: int, t1_us: int) -> dict[str, float]:
+        """Energy in Wh of each circuit's points with t0 <= ts_us < t1, as the rollups count
+        it: each point's watts held until the circuit's next point (which may lie after t1),
+        nothing when that is more than ENERGY_GAP_US away or there is none yet. (A minute's
+        ``wh`` in ``power_1m`` is held_wh over that minute.) Circuits without points: 0."""
+        out = {}
+        for name in circuits:
+            row = self._reader().execute(
+                "SELECT total(CASE WHEN nxt - ts_us <= ? THEN watts * (nxt - ts_us) END) / 3.6e9"
+                " FROM (SELECT ts_us, watts, LEAD(ts_us) OVER (PARTITION BY circuit_id"
+                "       ORDER BY ts_us) AS nxt FROM power WHERE circuit_id IN"
+                "       (SELECT id FROM circuits WHERE name = ?) AND ts_us >= ? AND ts_us < ?)"
+                " WHERE ts_us < ?",
+                (ENERGY_GAP_US, name, t0_us, t1_us + ENERGY_GAP_US, t1_us)).fetchone()
+            out[name] = row[0]
+        return out
+
+    def latest(self, kind: str, names: list[str]) -> dict[str, np.ndarray]:
+        """The newest stored row of each name that has one: columns name, ts_us, and value
+        (``readings``, by meter) or watts, volts, amps (``power``, by circuit), in the order
+        given. (An index seek per meter or circuit row, whatever the table's size.)"""
+        if kind == "readings":
+            cols, owners, sql = ("value",), "SELECT id FROM meters WHERE ip = ?", (
+                "SELECT ts_us, value FROM readings WHERE meter_id = ? ORDER BY ts_us DESC"
+                " LIMIT 1")
+        elif kind == "power":
+            cols, owners, sql = ("watts", "volts", "amps"), (
+                "SELECT id FROM circuits WHERE name = ?"), (
+                "SELECT ts_us, watts, volts, amps FROM power WHERE circuit_id = ?"
+                " ORDER BY ts_us DESC LIMIT 1")
+        else:
+            raise ValueError(f"no latest {kind}")
+        rows = []
+        for name in names:
+            found = [r for (oid,) in self._reader().execute(owners, (name,)).fetchall()
+                     for r in self._reader().execute(sql, (oid,)).fetchall()]
+            if found:
+                rows.append((name, *max(found)))
+        return _columns(rows, ("name", "ts_us", *cols),
+                        ("S", np.int64) + (np.float64,) * len(cols))
+
+    def iter_readings(self, meters: list[str], t0_us: int, t1_us: int,
+                      chunk: int = 50_000) -> Iterator[dict[str, np.ndarray]]:
+        """``readings(meters, t0, t1)`` a chunk at a time: column dicts of at most ``chunk``
+        rows (meter, ts_us, value), by meter (in the order given) then time (rows of one
+        time in the order stored). Each chunk is a query of its own (no read transaction is
+        held between chunks), continuing after the last row given: rows written meanwhile
+        may or may not appear, none appears twice."""
+        for ip in meters:
+            ids = [r[0] for r in self._reader().execute("SELECT id FROM meters WHERE ip = ?",
+                                                        (ip,))]
+            if not ids:
+                continue
+            last_ts, last_row = t0_us - 1, -1
+            while True:
+                rows = self._reader().execute(
+                    "SELECT rowid, ts_us, value FROM readings WHERE meter_id = ? AND ts_us >= ?"
+                    " AND ts_us <= ? AND (ts_us > ? OR rowid > ?) ORDER BY ts_us, rowid"
+                    " LIMIT ?", (ids[0], max(last_ts, t0_us), t1_us, last_ts, last_row,
+                                 chunk)).fetchall()
+                if not rows:
+                    break
+                last_row, last_ts = rows[-1][0], rows[-1][1]
+                yield _columns([(ip, ts, v) for _, ts, v in rows], ("meter", "ts_us", "value"),
+                               ("S", np.int64, np.float64))
+                if len(rows) < chunk:
+                    break
+
+    def iter_power(self, circuits: list[str], t0_us: int, t1_us: int,
+                   chunk: int = 50_000) -> Iterator[dict[str, np.ndarray]]:
+        """``power(circuits, t0, t1)`` a chunk at a time: column dicts of at most ``chunk``
+        rows (circuit, ts_us, watts, volts, amps), by circuit (in the order given) then time.
+        Each chunk is a query of its own, as for ``iter_readings``."""
+        names = ("circuit", "ts_us", "watts", "volts", "amps")
+        types = ("S", np.int64, np.float64, np.float64, np.float64)
+        for name in circuits:
+            ids = [r[0] for r in self._reader().execute(
+                "SELECT id FROM circuits WHERE name = ? ORDER BY id", (name,))]
+            # a name several circuit rows carry (its meters changed): their points by time
+            rows = heapq.merge(*(self._power_rows(cid, t0_us, t1_us, chunk) for cid in ids))
+            while part := [(name, *r) for _, r in zip(range(chunk), rows, strict=False)]:
+                yield _columns(part, names, types)
+
+    def _power_rows(self, cid: int, t0_us: int, t1_us: int, chunk: int) -> Iterator[tuple]:
+        last = t0_us - 1
+        while True:
+            rows = self._reader().execute(
+                "SELECT ts_us, watts, volts, amps FROM power WHERE circuit_id = ? AND ts_us > ?"
+                " AND ts_us <= ? ORDER BY ts_us LIMIT ?", (cid, last, t1_us, chunk)).fetchall()
+            yield from rows
+            if len(rows) < chunk:
+                return
+            last = rows[-1][0]
 
     def close(self) -> None:
         self._stop.set()
