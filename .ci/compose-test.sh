@@ -255,7 +255,7 @@ stop_and_down() {  # $@: profile flags; times both, checks SIGTERM exits and tha
   say "PASS: nothing left after${*:+ $*} down -v ($(( $(date +%s) - started )) s so far)"
 }
 
-# A burst through the balancer from $1 connections (a tenth of the ticks with an invalid line
+# A burst through the balancer (to two ingest replicas) from $1 connections (a tenth of the ticks with an invalid line
 # besides), with storage replica $2 (a status instance id) killed once $3 readings are in (of the
 # burst, counted by `$QUERY`); then every valid line once, every invalid one rejected once.
 # $4: the offset of the burst's stamps (ticks).
@@ -283,8 +283,8 @@ burst_with_kill() {
   local got
   got=$(wait_count "SELECT count(*) FROM readings WHERE $in_burst" "$valid" 120)
   # ingest holds nothing unacked: what is in the database is all there will be
-  wait_status "sum(s['gauges'].get('unacked_lines', 1) for s in svc('ingest').values()) == 0" 60 \
-    "every ingest replica to hold no unacked line"
+  wait_status "len(svc('ingest')) == 2 and sum(s['gauges'].get('unacked_lines', 1) for s in svc('ingest').values()) == 0" 60 \
+    "both ingest replicas to hold no unacked line"
   got=$($QUERY "SELECT count(*) FROM readings WHERE $in_burst") || fail "cannot count readings"
   [ "$got" -eq "$valid" ] || fail "expected $valid readings of the burst, found $got (duplicates?)"
   local distinct
