@@ -48,6 +48,8 @@ RUN pip install --no-cache-dir --no-deps ${PIP_INSTALL_ARGS} /src \
  && mkdir -p /data /plots /etc/wattflow \
  && chown 10001:10001 /data /plots
 COPY config.yaml /etc/wattflow/config.yaml
+# compose: storage and power start through it, on the project's database (SQLite or PostgreSQL)
+COPY docker/compose-db /usr/local/bin/compose-db
 
 USER 10001:10001
 WORKDIR /data
