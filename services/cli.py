@@ -22,15 +22,12 @@ log = logging.getLogger("wattflow")
 
 
 def _service(name: str):
-    from services import broker
-    from services.dashboard import main as dashboard
-    from services.ingest import main as ingest
-    from services.plotter import main as plotter
-    from services.power import main as power
-    from services.storage import main as storage
+    """The service's run function (only its own module is imported: the others' dependencies
+    are not needed to run one)."""
+    import importlib
 
-    return {"broker": broker, "ingest": ingest, "storage": storage, "power": power,
-            "plotter": plotter, "dashboard": dashboard}[name].run
+    module = "services.broker" if name == "broker" else f"services.{name}.main"
+    return importlib.import_module(module).run
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,8 +20,11 @@ from tests.integration.lines import RANGES, T0, in_range, line
 from tests.integration.stack import wait_for
 
 WATCHED = {  # topic -> the services that subscribe to it
-    topics.RAW: ("storage",), topics.POWER: ("storage", "plotter"),
-    topics.READING: ("power",), topics.ACK: ("ingest",),
+    topics.POWER: ("plotter",), topics.READING: ("power",), topics.ACK: ("ingest", "power"),
+    topics.STATS: ("power",),  # (power's peers: the replicas that split the circuits)
+}
+QUEUED = {  # topic -> the services that pull it from the work queue
+    topics.RAW: ("storage",), topics.POWER: ("storage",),
 }
 
 
@@ -122,10 +125,22 @@ def stranger(stack):
         sock.close()  # (before the stack's context is ended)
 
 
-def test_every_service_survives_garbage_on_every_topic(stack, stranger):
+@pytest.fixture
+def stranger_pusher(stack):
+    """A stranger's socket on the work queue's way in (where ingest and power push)."""
+    sock = stack.ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(stack.config["bus"]["push"])
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def test_every_service_survives_garbage_on_every_topic(stack, stranger, stranger_pusher):
     rng = random.Random(14)
     rejected_sub = stack.subscribe(topics.REJECTED)  # a `wattflow tap rejected`, as it were
-    everything = {*WATCHED, topics.STATS, topics.REJECTED}
+    everything = {*WATCHED, topics.REJECTED}
     subscribed: set[bytes] = set()
 
     def all_subscribed() -> bool:
@@ -144,10 +159,16 @@ def test_every_service_survives_garbage_on_every_topic(stack, stranger):
     for frames_list in sent.values():
         for frames in frames_list:
             stranger.send_multipart(frames)
-    bad_for = {name: 0 for names in WATCHED.values() for name in names}
-    for topic, names in WATCHED.items():
-        for name in names:
-            bad_for[name] += len(sent[topic])
+    queued = {topic: garbage(topic, rng) for topic in QUEUED}
+    for frames_list in queued.values():
+        for frames in frames_list:
+            stranger_pusher.send_multipart(frames)
+    bad_for = {name: 0 for where in (WATCHED, QUEUED) for names in where.values()
+               for name in names}
+    for where, what in ((WATCHED, sent), (QUEUED, queued)):
+        for topic, names in where.items():
+            for name in names:
+                bad_for[name] += len(what[topic])
 
     def bad_counted() -> bool:
         stack.check_alive()
