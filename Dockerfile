@@ -53,5 +53,5 @@ COPY docker/compose-db /usr/local/bin/compose-db
 
 USER 10001:10001
 WORKDIR /data
-EXPOSE 44444 5550 5551 5552 5553
+EXPOSE 44444 5550 5551 5552 5553 8080
 CMD ["wattflow", "--help"]
