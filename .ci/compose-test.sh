@@ -4,20 +4,24 @@
 # lines always go to the published port, i.e. through the load balancer (service lb, HAProxy).
 #  1. `docker compose up -d --build`, real lines to the published port: every valid reading in
 #     the database in the volume, power values, `wattflow tap` inside the network, a PNG in a
-#     host folder owned by another user (written as that user); `docker compose restart storage`
-#     while lines flow loses nothing and stores nothing twice; `stop` ends every container by
+#     host folder owned by another user (written as that user); the dashboard through its port
+#     published on 127.0.0.1: its page, the newest values, its history and CSV export are the
+#     stored readings; `docker compose restart storage` while lines flow loses nothing and
+#     stores nothing twice (and the dashboard, on the volume read-only, counts every reading); `stop` ends every container by
 #     SIGTERM (none killed); `down -v` leaves no container, volume or network.
 #  2. `docker compose --profile demo up -d --scale storage=2 --scale ingest=2` (SQLite) with a
 #     plots folder that does not exist (Docker creates it, as root): simulated readings reach the
-#     database and a chart appears; one storage replica writes and one stands by (`wattflow
+#     database, a chart appears and the dashboard shows every meter fresh; one storage replica writes and one stands by (`wattflow
 #     status` roles); a burst from several connections (a tenth of its lines invalid) spreads
 #     over both ingest replicas, the writer is killed (`docker kill`) mid-burst and the standby
-#     takes over: every valid line exactly once, every invalid one rejected once;
+#     takes over: every valid line exactly once, every invalid one rejected once (and once in
+#     the dashboard's history);
 #     `--profile demo stop` ends every other container by SIGTERM; `down -v` leaves nothing.
 #  3. `docker compose --profile postgres up -d --scale storage=3 --scale ingest=2`: storage and
 #     power on the postgres service; a burst, the work spread over the three storage replicas
 #     (each one's share in `wattflow status --json` > 0), one of them killed mid-burst: every
-#     valid line exactly once in PostgreSQL, every invalid one rejected once; after `stop`,
+#     valid line exactly once in PostgreSQL (and in the dashboard's history: it reads PostgreSQL
+#     too), every invalid one rejected once; after `stop`,
 #     storage refuses to start without the postgres service (exit 78: the project's database is
 #     PostgreSQL); `down -v` leaves nothing.
 # Prints how long each step took; asserts outcomes, never timings (deadlines only).
@@ -27,15 +31,21 @@ ROOT="$PWD"
 PROJECT="wfci$$"
 # the published port: below Linux's ephemeral range (32768-60999), where an outgoing connection
 # may hold a port for a while (one did: "bind: address already in use" at `up`); the first free one
-PORT="${WATTFLOW_TEST_PORT:-$(python3 -c '
-import socket
-for port in range(24544, 32768):
+free_port() {  # the first port from $1 on that is free on every address
+  python3 - "$1" <<'PY'
+import socket, sys
+for port in range(int(sys.argv[1]), 32768):
     try:
         socket.create_server(("0.0.0.0", port)).close()
         print(port)
         break
     except OSError:
-        pass')}"
+        pass
+PY
+}
+PORT="${WATTFLOW_TEST_PORT:-$(free_port 24544)}"
+# the dashboard's, published on the host's loopback as by default (WATTFLOW_DASHBOARD_PUBLISH)
+DASH_PORT="${WATTFLOW_TEST_DASHBOARD_PORT:-$(free_port $(( PORT + 1 )))}"
 BASE_IMAGE="${WATTFLOW_BASE_IMAGE:-wattflow-base:bookworm}"
 TMP="$(mktemp -d)"
 PLOTS="$TMP/plots-owned"    # phase 1: exists, owned by uid 4321, mode 0700
@@ -60,6 +70,7 @@ now() { date +%s%N; }
 since() { local ms=$(( ($(now) - $1) / 1000000 )); printf '%d.%d' $(( ms / 1000 )) $(( ms % 1000 / 100 )); }
 
 export WATTFLOW_BASE_IMAGE="$BASE_IMAGE" WATTFLOW_INGEST_PUBLISH="$PORT" WATTFLOW_PLOTS_DIR="$PLOTS"
+export WATTFLOW_DASHBOARD_PUBLISH="127.0.0.1:$DASH_PORT"
 export WATTFLOW_PIP_INSTALL_ARGS="--no-index --find-links /wheels"
 unset WATTFLOW_STORAGE_URL   # the project's own choice (docker/compose-db) is under test
 
@@ -82,9 +93,9 @@ running() {  # ids of the running containers of service $1
     --filter "label=com.docker.compose.service=$1" --filter status=running
 }
 
-wait_healthy() {  # every container of the services named (default: the six always there)
+wait_healthy() {  # every container of the services named (default: the seven always there)
   local svcs=("$@") deadline=$(( $(date +%s) + 120 ))
-  [ ${#svcs[@]} -gt 0 ] || svcs=(broker lb ingest storage power plotter)
+  [ ${#svcs[@]} -gt 0 ] || svcs=(broker lb ingest storage power plotter dashboard)
   while :; do
     local unhealthy=0 svc id ids state
     for svc in "${svcs[@]}"; do
@@ -216,6 +227,39 @@ container_of() {  # the container of a status instance id: storage-<hostname>-<p
   done
 }
 
+# The dashboard, from the host through its published port (127.0.0.1:$DASH_PORT). dash_eval
+# PATH EXPR: GET PATH, then print EXPR over `j` (the JSON answer), `body` (its text), `status`
+# and `ctype` (its Content-Type); fails (status 1, the reason on stderr) if it cannot connect.
+dash_eval() {
+  python3 - "$DASH_PORT" "$1" "$2" <<'PY'
+import json, sys, urllib.error, urllib.request
+port, path, expr = sys.argv[1], sys.argv[2], sys.argv[3]
+try:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as r:
+        status, ctype, body = r.status, r.headers.get("Content-Type", ""), r.read().decode()
+except urllib.error.HTTPError as e:  # an answer all the same (503 before the database exists)
+    status, ctype, body = e.code, e.headers.get("Content-Type", ""), e.read().decode(errors="replace")
+try:
+    j = json.loads(body)
+except ValueError:
+    j = None
+print(eval(expr))
+PY
+}
+
+wait_dash() {  # wait until dash_eval "$1" "$2" prints True (up to $3 s); $4 says what for
+  local deadline=$(( $(date +%s) + $3 ))
+  until [ "$(dash_eval "$1" "$2" 2>"$TMP/dash.err")" = True ]; do
+    [ "$(date +%s)" -lt "$deadline" ] || fail "waited $3 s for the dashboard ($1) to show $4; it answers: $(dash_eval "$1" "status, body[:1500]" 2>&1 | head -c 2000)"
+    sleep 1
+  done
+}
+
+# the readings the dashboard's history counts from $1 to $2 (µs; every meter), as the page asks
+METERS_Q="meter=10.0.0.1&meter=10.0.0.2&meter=10.0.0.3&meter=10.0.0.4&meter=10.0.0.5"
+history_q() { echo "/api/history?$METERS_Q&from=@$(( $1 / 1000000 ))&to=@$(( $2 / 1000000 ))"; }
+HISTORY_N="j and sum(sum(s['n']) for s in j['series'].values())"
+
 KILLED=""   # containers killed on purpose (exit 137 expected of them)
 stopped_by_sigterm() {  # every container of the project exited by itself on its stop signal
   local name code bad=""
@@ -297,6 +341,12 @@ burst_with_kill() {
   say "PASS: $valid valid lines of the burst from $conns connections each stored exactly once, $invalid invalid ones rejected once, a storage replica killed mid-burst"
 }
 
+dash_burst() {  # the dashboard's history of the last burst ($1 connections, offset $2): $valid readings
+  local from=$(( BASE_US + $2 * 100000 )) to=$(( BASE_US + ($2 + $1 * 100000) * 100000 ))
+  wait_dash "$(history_q "$from" "$to")" "$HISTORY_N == $valid" 30 "the burst's $valid readings"
+  say "PASS: the dashboard's history counts the burst's $valid readings"
+}
+
 # ---- 1. the default set-up ---------------------------------------------------------------------
 if phase 1; then
 install -d -o 4321 -g 4321 -m 0700 "$PLOTS"   # someone else's folder: the plotter must write as its owner
@@ -307,7 +357,7 @@ say "up -d $BUILD returned after $(since "$t") s"
 BUILD=""
 
 wait_healthy
-say "all six services healthy ($(( $(date +%s) - started )) s so far):"
+say "all seven services healthy ($(( $(date +%s) - started )) s so far):"
 dc ps
 
 sent=$(send 5 200 0) || fail "sending lines to 127.0.0.1:$PORT failed"
@@ -320,6 +370,20 @@ power=$(wait_count "SELECT count(*) FROM power" 1 60)
 watts=$(db "SELECT round(watts, 6) FROM power_view WHERE circuit = '10.0.0.4' LIMIT 1")
 [ "$watts" = "165.0" ] || fail "power for circuit 10.0.0.4 should be 55 V x 3 A = 165 W, got $watts"
 say "PASS: $power power points stored (55 V x 3 A = $watts W)"
+# the dashboard from the host, through its published port: its page, then what is stored
+t=$(now)
+published=$(dc port dashboard 8080) || fail "docker compose port dashboard 8080 failed"
+[ "$published" = "127.0.0.1:$DASH_PORT" ] || fail "the dashboard is published on $published, not 127.0.0.1:$DASH_PORT"
+wait_dash / "status == 200 and ctype.startswith('text/html') and '<title>wattflow</title>' in body" 60 "its page"
+wait_dash /api/now "status == 200 and j['meters']['10.0.0.1']['value'] == 55.0 and round(j['circuits']['10.0.0.4']['watts'], 6) == 165.0" 60 \
+  "the newest reading (55 V) and power (165 W)"
+phase1_to=$(( BASE_US + 101 * 1000000 ))   # the first $sent lines' stamps, and a second more
+shown=$(dash_eval "$(history_q "$BASE_US" "$phase1_to")" "$HISTORY_N") || fail "the dashboard's history did not answer"
+[ "$shown" = "$sent" ] || fail "the dashboard's history counts $shown readings of the first $sent lines"
+rows=$(dash_eval "/api/export?from=@$(( BASE_US / 1000000 ))&to=@$(( phase1_to / 1000000 ))&format=csv" \
+  "status == 200 and len(body.splitlines()) - 1") || fail "the dashboard's export did not answer"
+[ "$rows" = "$sent" ] || fail "the dashboard's CSV export has $rows rows of the first $sent readings"
+say "PASS: dashboard at 127.0.0.1:$DASH_PORT: its page, 55 V and 165 W now, $shown readings in its history and its CSV export ($(since "$t") s)"
 # the tap may take seconds to start on a busy machine: lines flow until it has printed one
 dc exec -T storage timeout 90 wattflow tap power --count 1 --timeout 85 >"$TMP/tap.txt" 2>/dev/null &
 tap=$!
@@ -353,6 +417,10 @@ more=$(cat "$TMP/sent.txt")
 got=$(wait_count "SELECT count(*) FROM readings" $(( before + more )) 120)
 [ "$got" -eq $(( before + more )) ] || fail "after restart: expected $(( before + more )) readings, found $got (duplicates?)"
 say "PASS: restart of storage while $more lines flowed: all stored exactly once"
+# the dashboard (the volume read-only) reads on across the restart: every reading, in its
+# history over the whole run (two days: 5-minute intervals, from the rollups)
+wait_dash "$(history_q "$BASE_US" "$(( $(date +%s) * 1000000 ))")" "$HISTORY_N == $got" 60 "all $got readings"
+say "PASS: the dashboard's history counts all $got readings after storage's restart"
 stop_and_down
 fi
 
@@ -369,6 +437,9 @@ wait_png "$DEMO_PLOTS/power.png" 90
 say "PASS: chart $DEMO_PLOTS/power.png $(since "$t") s after up (folder and chart owned by $(stat -c %u:%g "$DEMO_PLOTS/power.png"), as Docker made the folder)"
 got=$(wait_count "SELECT count(*) FROM readings" 100 60)
 say "PASS: simulated meters (through lb): $got readings stored"
+wait_dash /api/now "status == 200 and not any(m['stale'] for m in j['meters'].values()) and j['total_w'] > 0" 60 \
+  "every meter fresh (the simulator's readings) and a total power"
+say "PASS: the dashboard shows every simulated meter fresh, total $(dash_eval /api/now "round(j['total_w'], 1)") W"
 # the simulator stops here: the burst's check waits for ingest to hold nothing unacked
 dc --profile demo stop simulator >/dev/null 2>&1 || fail "docker compose --profile demo stop simulator failed"
 wait_healthy   # all up (a process still starting has no SIGTERM handler yet)
@@ -378,6 +449,7 @@ writer=$(status_eval "next(src for src, s in svc('storage').items() if s['gauges
 say "PASS: SQLite: storage roles writer ($writer) and standby"
 wait_lb_up 2
 burst_with_kill 6 "$writer" 3000 300000
+dash_burst 6 300000
 wait_status "len(svc('ingest')) == 2 and all(share.get(src, 0) > 0 for src in svc('ingest'))" 30 \
   "both ingest replicas to have a share of the lines"
 say "PASS: the balancer spread the connections: ingest shares $(status_eval "sorted(share[s] for s in svc('ingest'))") %; lb (slot status connections): $(lb_stats | paste -sd ';')"
@@ -396,8 +468,8 @@ t=$(now)
 dc --progress plain --profile postgres up -d --build --scale storage=3 --scale ingest=2 >>"$LOG" 2>&1 \
   || fail "docker compose --profile postgres up failed"
 say "--profile postgres up -d --build returned after $(since "$t") s"
-wait_healthy broker lb ingest storage power plotter postgres
-say "all seven services healthy ($(( $(date +%s) - started )) s so far)"
+wait_healthy broker lb ingest storage power plotter dashboard postgres
+say "all eight services healthy ($(( $(date +%s) - started )) s so far)"
 QUERY=pg
 for id in $(running storage); do
   chosen=$(docker exec "$id" cat /data/database)
@@ -415,6 +487,7 @@ wait_status "len(svc('storage')) == 3 and all(share.get(src, 0) > 0 for src in s
 say "PASS: the work is spread: storage shares $(status_eval "sorted(share[s] for s in svc('storage'))") %"
 victim=$(status_eval "sorted(svc('storage'))[0]")
 burst_with_kill 6 "$victim" 3000 300000
+dash_burst 6 300000
 power=$(wait_count "SELECT count(*) FROM power" 1 60)
 say "PASS: power reads PostgreSQL: $power power points stored"
 t=$(now)
