@@ -310,6 +310,7 @@ burst_with_kill() {
   t1=$(( BASE_US + (offset + conns * 100000) * 100000 ))
   local in_burst="ts_us >= $t0 AND ts_us < $t1"
   rejected_before=$($QUERY "SELECT count(*) FROM rejected") || fail "cannot read the rejected table"
+  rm -f "$stop"   # an earlier burst of the same offset (phase 2's, before phase 3's) left it
   send "$conns" 100000 "$offset" 0.01 "$stop" 10 >"$TMP/burst.txt" &
   local sender=$!
   wait_count "SELECT count(*) FROM readings WHERE $in_burst" "$at" 90 >/dev/null
