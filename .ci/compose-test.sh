@@ -93,21 +93,23 @@ running() {  # ids of the running containers of service $1
     --filter "label=com.docker.compose.service=$1" --filter status=running
 }
 
+# (180 s: at a load average of 40 on two cores a probe, a Python start, can take most of its
+# 30 s timeout; storage after `restart` was still "starting" at 120 s once)
 wait_healthy() {  # every container of the services named (default: the seven always there)
-  local svcs=("$@") deadline=$(( $(date +%s) + 120 ))
+  local svcs=("$@") deadline=$(( $(date +%s) + 180 ))
   [ ${#svcs[@]} -gt 0 ] || svcs=(broker lb ingest storage power plotter dashboard)
   while :; do
-    local unhealthy=0 svc id ids state
+    local unhealthy="" svc id ids state
     for svc in "${svcs[@]}"; do
       ids=$(dc ps -q "$svc")
-      [ -n "$ids" ] || unhealthy=1
+      [ -n "$ids" ] || unhealthy="$unhealthy $svc:none"
       for id in $ids; do
         state=$(docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}' "$id" 2>/dev/null || echo missing)
-        [ "$state" = healthy ] || unhealthy=1
+        [ "$state" = healthy ] || unhealthy="$unhealthy $svc(${id:0:12}):$state"
       done
     done
-    [ $unhealthy = 0 ] && return 0
-    [ "$(date +%s)" -lt "$deadline" ] || fail "services not healthy within 120 s: $(dc "${PROFILES[@]}" ps -a)"
+    [ -z "$unhealthy" ] && return 0
+    [ "$(date +%s)" -lt "$deadline" ] || fail "services not healthy within 180 s:$unhealthy; load average $(cut -d' ' -f1-3 /proc/loadavg); $(dc "${PROFILES[@]}" ps -a)"
     sleep 1
   done
 }
