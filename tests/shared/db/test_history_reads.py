@@ -193,3 +193,25 @@ def test_latest_is_the_newest_row_of_each(db, data):
     got = db.latest("power", ["main", "nobody"])
     assert got["name"].tolist() == [b"main"] and got["ts_us"].tolist() == [int(ts[-1])]
     assert got["watts"].tolist() == [watts[-1]] and got["amps"].tolist() == [watts[-1] / 10]
+
+
+def test_ties_come_in_the_order_stored_across_chunks_and_pages(db):
+    # rows of one time over several pages of the table (PostgreSQL: heap pages), two writes
+    base, n = region(db), 1500
+    for k in range(2):
+        db.write([RawBatch(f"s{base}-{k}", 0, 0, np.zeros(n, np.int64), np.full(n, base),
+                           np.arange(k * n, (k + 1) * n, dtype=np.float64))])
+    parts = list(db.iter_readings([IPS[0]], base, base, 97))
+    assert [len(p["value"]) for p in parts] == [97] * 30 + [3000 - 97 * 30]
+    assert np.concatenate([p["value"] for p in parts]).tolist() == list(range(2 * n))
+    # one circuit name on two circuit rows with points at the same times: by time, then by
+    # (watts, volts, amps); the newest of them is the greatest such row
+    db.write([PowerBatch(power_cols("main", [base, base + 1], [5.0, 1.0]))])
+    db.write([PowerBatch(power_cols("main", [base, base + 1], [2.0, 9.0], "10.0.0.3"))])
+    got = [(t, w) for p in db.iter_power(["main"], base, base + 1, 1)
+           for t, w in zip(p["ts_us"].tolist(), p["watts"].tolist(), strict=True)]
+    assert got == [(base, 2.0), (base, 5.0), (base + 1, 1.0), (base + 1, 9.0)]
+    latest = db.latest("power", ["main", "nobody", "main"])
+    assert latest["name"].tolist() == [b"main", b"main"]
+    assert latest["ts_us"].tolist() == [base + 1] * 2 and latest["watts"].tolist() == [9.0] * 2
+    assert db.latest("readings", [IPS[0], IPS[0]])["ts_us"].tolist() == [base, base]
