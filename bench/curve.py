@@ -28,11 +28,14 @@ from tests.integration.stack import Stack, free_port
 
 
 def stack_config(tmp: Path, curve: bool) -> dict:
-    pub, sub = free_port(), free_port()
+    """The bus on TCP loopback, the work queue too (the batches travel there: left out, it
+    stayed on the test stack's ipc:// sockets)."""
+    pub, sub, work_in, work_out = (f"tcp://127.0.0.1:{free_port()}" for _ in range(4))
     cfg = {k: dict(v) for k, v in BENCH_CONFIG.items()}
-    cfg["bus"] = {"publish": f"tcp://127.0.0.1:{pub}", "subscribe": f"tcp://127.0.0.1:{sub}",
+    cfg["bus"] = {"publish": pub, "subscribe": sub, "push": work_in, "pull": work_out,
                   "curve": curve, "keys_dir": str(tmp / "keys")}
-    cfg["broker"] = {"xsub_bind": f"tcp://127.0.0.1:{pub}", "xpub_bind": f"tcp://127.0.0.1:{sub}"}
+    cfg["broker"] = {"xsub_bind": pub, "xpub_bind": sub, "work_in_bind": work_in,
+                     "work_out_bind": work_out}
     return cfg
 
 

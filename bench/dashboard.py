@@ -40,11 +40,13 @@ CIRCUITS = [m[0] for m in METERS[1:]]  # default circuits: named after their A m
 V_METER = METERS[0][0]
 
 
-def fill(path: str, seconds: float, rate: float, end_us: int, chunk_s: float = 600) -> int:
+def fill(target: str, seconds: float, rate: float, end_us: int, chunk_s: float = 600) -> int:
     """``seconds`` of ``rate`` readings/s per meter (all five at the same instants) up to
     ``end_us``, with their power points (V x A, one per circuit and instant) and rollups, all
-    minutes rolled up but the last. Returns readings written."""
-    db = open_database(f"sqlite:///{path}", [Meter(*m) for m in METERS], checkpoints=False)
+    minutes rolled up but the last, in ``target``: a SQLite file's path or a database URL
+    (``postgresql://...``). Returns readings written."""
+    url = target if "://" in target else f"sqlite:///{target}"
+    db = open_database(url, [Meter(*m) for m in METERS], checkpoints=False)
     step = int(1e6 / rate)
     ticks = int(seconds * rate)
     start = end_us - ticks * step
@@ -74,7 +76,8 @@ def fill(path: str, seconds: float, rate: float, end_us: int, chunk_s: float = 6
     while db.rollup_step(time.time() + 20, most=500):  # every minute written is settled
         pass
     # the newest minutes as a live database has them: not rolled up yet
-    db.conn.execute("DELETE FROM power_1m WHERE t >= ?", (end_us - 90_000_000,))
+    mark = "?" if url.startswith("sqlite") else "%s"
+    db.conn.execute(f"DELETE FROM power_1m WHERE t >= {mark}", (end_us - 90_000_000,))
     db.close()
     return written
 

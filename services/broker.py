@@ -64,8 +64,10 @@ def run(cfg: Config) -> int:
                 for key, _, role in BOUND}
     for role, _ in monitors.values():
         rt.counters[f"handshakes_failed.{role}"] = 0
-    proxies = [_start_proxy(rt, sockets["xsub_bind"], sockets["xpub_bind"], "pubsub"),
-               _start_proxy(rt, sockets["work_in_bind"], sockets["work_out_bind"], "work")]
+    failed: list[str] = []  # proxies that stopped on an error (the broker then stops too)
+    proxies = [_start_proxy(rt, sockets["xsub_bind"], sockets["xpub_bind"], "pubsub", failed),
+               _start_proxy(rt, sockets["work_in_bind"], sockets["work_out_bind"], "work",
+                            failed)]
     log.info("broker up: publishers -> %s, subscribers -> %s; work queue: senders -> %s, "
              "storage replicas -> %s (CURVE %s)", cfg.broker["xsub_bind"],
              cfg.broker["xpub_bind"], cfg.broker["work_in_bind"], cfg.broker["work_out_bind"],
@@ -83,7 +85,11 @@ def run(cfg: Config) -> int:
         rt.tick()  # heartbeat file, and stats through the bus like any service
     roster.close()
     for control, thread in proxies:
-        control.send(b"TERMINATE")
+        if thread.is_alive():
+            try:
+                control.send(b"TERMINATE", zmq.DONTWAIT)
+            except zmq.Again:  # its end of the pair is gone: the thread is ending anyway
+                pass
         thread.join(timeout=5)
         control.close(linger=0)
     for sock in sockets.values():
@@ -93,6 +99,9 @@ def run(cfg: Config) -> int:
     if gate is not None:
         gate.stop()
     rt.close()
+    if failed:
+        log.error("broker stopped: %s failed", " and ".join(failed))
+        return 1
     log.info("broker stopped")
     return 0
 
@@ -109,19 +118,40 @@ def bind(sock: zmq.Socket, cfg: Config, key: str, role: str) -> None:
         raise CannotStart(broker_port(key, *where).explain(str(exc))) from exc
 
 
-def _start_proxy(rt: Runtime, front: zmq.Socket, back: zmq.Socket, name: str):
-    """``zmq.proxy_steerable(front, back)`` on a thread; the returned PAIR socket stops it."""
+def _start_proxy(rt: Runtime, front: zmq.Socket, back: zmq.Socket, name: str,
+                 failed: list[str]):
+    """``zmq.proxy_steerable(front, back)`` on a thread; the returned PAIR socket stops it.
+
+    libzmq's proxy gives up with EAGAIN when a receive it was told would succeed finds nothing,
+    and with CURVE that happens on a PULL socket (the work queue's front): the ZAP user id of a
+    new connection is queued as a "credential" ahead of its first message, so the socket polls
+    readable as soon as that first message's first frame is in while the rest is still on its
+    way (a batch of 100 KB and more over several reads); the receive skips the credential,
+    finds no whole message, and the proxy returns -1 (EAGAIN). Nothing was taken off a queue
+    then, so the proxy is started again (counted in ``proxy_restarts.<name>``). Any other error
+    stops the broker (the proxy's name added to ``failed``, exit 1) rather than leave it up
+    with a queue nobody forwards."""
     control_addr = f"inproc://broker-{name}-{id(rt)}"
     control = rt.ctx.socket(zmq.PAIR)
     control.bind(control_addr)
+    rt.counters[f"proxy_restarts.{name}"] = 0
 
     def proxy() -> None:
         peer = rt.ctx.socket(zmq.PAIR)
         peer.connect(control_addr)
         try:
-            zmq.proxy_steerable(front, back, None, peer)
+            while True:
+                try:
+                    zmq.proxy_steerable(front, back, None, peer)
+                    return  # TERMINATE
+                except zmq.Again:
+                    rt.counters[f"proxy_restarts.{name}"] += 1
         except zmq.ContextTerminated:
             pass
+        except Exception:
+            log.exception("the %s proxy failed: stopping the broker", name)
+            failed.append(f"the {name} proxy")
+            rt.stopping.set()
         finally:
             peer.close(linger=0)
 

@@ -83,6 +83,9 @@ def render(latest: dict[str, dict], silent: dict[str, dict]) -> str:
     for src, m in sorted(silent.items()):
         lines.append(f"{m.get('service', '?'):<9} {src:<36} {'SILENT':<8} {'':>6} {'':>8} "
                      f"{'':>8}  no stats for {m.get('age_s')} s (killed, hung or cut off?)")
+    for src, s in sorted(latest.items()):  # alive but not doing its job: said apart, in words
+        if s.get("gauges", {}).get("paused"):
+            lines.append(f"! {src}: {s['gauges']['paused']}")
     return "\n".join(lines)
 
 

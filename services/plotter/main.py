@@ -217,6 +217,55 @@ def _mpl_days(ts_us: np.ndarray) -> np.ndarray:
     return _EPOCH_DAYS + ts_us / 86_400e6
 
 
+class History:
+    """Fills the window from the database at start, so a restarted plotter draws the last
+    ``window_s`` at once instead of an empty chart. Until storage has made the database (or
+    while it cannot be read) it tries again every ``RETRY_S``; once loaded it is done."""
+
+    RETRY_S = 5.0
+
+    def __init__(self, cfg: Config, window: Window):
+        self.cfg, self.window = cfg, window
+        self.done, self.next_try = False, 0.0
+        self.v_meter = {c.name: c.voltage for c in cfg.circuits}
+
+    def fill(self) -> int:
+        """One attempt (if due); the number of points added."""
+        if self.done or time.monotonic() < self.next_try:
+            return 0
+        from shared.db import NotReady, open_database, storage_url
+
+        self.next_try = time.monotonic() + self.RETRY_S
+        names = list(self.v_meter)
+        try:
+            db = open_database(storage_url(self.cfg.storage), writer=False)
+        except (NotReady, OSError, ValueError) as exc:
+            log.info("no history to draw yet (%s); trying again in %.0f s", exc, self.RETRY_S)
+            return 0
+        except Exception as exc:  # e.g. PostgreSQL not reachable: live data still draws
+            log.warning("cannot read history: %s; trying again in %.0f s", exc, self.RETRY_S)
+            return 0
+        added = 0
+        try:
+            newest = db.latest("power", names)
+            if len(newest["ts_us"]):
+                t1 = int(newest["ts_us"].max())
+                for part in db.iter_power(names, t1 - self.window.window_us, t1):
+                    part["v_meter"] = np.array(
+                        [self.v_meter[c.decode()].encode() for c in part["circuit"]], "S")
+                    self.window.add(part)
+                    self.window.series()  # (folds in and thins chunk by chunk)
+                    added += len(part["ts_us"])
+            self.done = True
+            log.info("history: %d power points of the last %.0f s drawn from the database",
+                     added, self.window.window_us / 1e6)
+        except Exception as exc:
+            log.warning("cannot read history: %s; trying again in %.0f s", exc, self.RETRY_S)
+        finally:
+            db.close()
+        return added
+
+
 def run(cfg: Config) -> int:
     # Drawing is the one heavy job that can wait: yield the CPU to the data path under load.
     os.nice(10)
@@ -236,9 +285,12 @@ def run(cfg: Config) -> int:
     log.info("plotter up: %s/power.png every %ss, window %ss", pc["dir"], pc["interval_s"],
              pc["window_s"])
     changed, next_draw = False, 0.0
+    history = History(cfg, window)
     try:
         renderer.render({})  # "waiting for data" until the first power point
         while not rt.stopping.is_set():
+            if not history.done and history.fill():
+                changed = True
             for msg in sub.recv_batch(50, 1000):
                 window.add(msg.data)
                 rt.counters["power_in"] += len(msg.data["ts_us"])

@@ -12,12 +12,15 @@ What a backend does (``Database``):
   there is skipped, so whichever replica applies a batch, and however often it arrives, its rows
   are in the database once. Returns, per batch, whether it was applied now (False: it was
   there already).
-* reads for power, the dashboard and export (``readings``, ``power``), ``totals``;
+* reads for power, the dashboard and export (``readings``, ``power``, ``rollup``; and bounded
+  whatever the range: ``buckets``, ``held_wh``, ``latest``, ``iter_readings``, ``iter_power``,
+  the same results on either backend: sqlite.py's docstrings define them), ``totals``;
 * upkeep: ``retention_step`` (removes old rows a little at a time), ``free_bytes``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -161,6 +164,16 @@ class Database(Protocol):
     def newest_power(self, circuits: list[str]) -> dict[str, int]: ...
     def replace_power(self, circuit: Circuit, t0_us: int, t1_us: int,
                       points: dict[str, np.ndarray]) -> None: ...
+    def rollup(self, kind: str, resolution: str, names: list[str], t0_us: int,
+               t1_us: int) -> dict[str, np.ndarray]: ...
+    def buckets(self, kind: str, names: list[str], t0_us: int, t1_us: int,
+                step_us: int) -> dict[str, np.ndarray]: ...
+    def held_wh(self, circuits: list[str], t0_us: int, t1_us: int) -> dict[str, float]: ...
+    def latest(self, kind: str, names: list[str]) -> dict[str, np.ndarray]: ...
+    def iter_readings(self, meters: list[str], t0_us: int, t1_us: int,
+                      chunk: int = 50_000) -> Iterator[dict[str, np.ndarray]]: ...
+    def iter_power(self, circuits: list[str], t0_us: int, t1_us: int,
+                   chunk: int = 50_000) -> Iterator[dict[str, np.ndarray]]: ...
     def close(self) -> None: ...
 
 

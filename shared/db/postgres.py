@@ -26,11 +26,13 @@ takes that minute's dirty mark itself, one store at a time (see there).
 
 from __future__ import annotations
 
+import heapq
 import logging
 import random
 import re
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -1023,6 +1025,136 @@ class PostgresDatabase:
         names_ = ("name", "t", "n", "sum", "min", "max") + (("wh",) if extra else ())
         types = ("S", np.int64, np.int64) + (np.float64,) * (len(names_) - 3)
         return _columns(rows, names_, types)
+
+    # ---- history and export (the dashboard, `wattflow export`) ---------------------------
+    # The same reads as SQLite's (its docstrings are the definition), done in the server:
+    # rows aggregated into buckets by GROUP BY, energy by a window function, the newest row by
+    # an index seek per meter or circuit row, every row of a range a keyset-paged chunk at a
+    # time (a query per chunk: no transaction stays open while the caller is slow, which
+    # would hold back retention's partition drops and the server's vacuum).
+
+    def buckets(self, kind: str, names: list[str], t0_us: int, t1_us: int,
+                step_us: int) -> dict[str, np.ndarray]:
+        """Stored ``readings`` (``value``, by meter) or ``power`` (``watts``, by circuit) with
+        t0 <= ts_us <= t1, aggregated in buckets of ``step_us`` aligned to 1970 (a row is in
+        the bucket starting at ts_us - ts_us % step_us): one row per name and bucket that holds
+        rows, columns name, t (bucket start), n, sum, min, max, first, last (the earliest and
+        latest ts_us in the bucket), by name (in the order given) then t."""
+        if kind not in ("readings", "power") or step_us < 1:
+            raise ValueError(f"no buckets of {kind} by {step_us} us")
+        value, key, owners = (("value", "meter_id", "SELECT id FROM meters WHERE ip = %s")
+                              if kind == "readings" else
+                              ("watts", "circuit_id", "SELECT id FROM circuits WHERE name = %s"))
+        # (% truncates toward zero in both backends: the same buckets for any ts_us)
+        query = (f"SELECT ts_us - ts_us %% %s::bigint AS b, count(*), sum({value}),"
+                 f" min({value}), max({value}), min(ts_us), max(ts_us) FROM {kind}"
+                 f" WHERE {key} = ANY(ARRAY({owners})) AND ts_us BETWEEN %s AND %s"
+                 f" GROUP BY b ORDER BY b")
+        rows = []
+        for name in names:
+            rows += [(name, *r) for r in self._reader().execute(
+                query, (step_us, name, t0_us, t1_us)).fetchall()]
+        return _columns(rows, ("name", "t", "n", "sum", "min", "max", "first", "last"),
+                        ("S", np.int64, np.int64, np.float64, np.float64, np.float64,
+                         np.int64, np.int64))
+
+    def held_wh(self, circuits: list[str], t0_us: int, t1_us: int) -> dict[str, float]:
+        """Energy in Wh of each circuit's points with t0 <= ts_us < t1, as the rollups count
+        it: each point's watts held until the circuit's next point (which may lie after t1),
+        nothing when that is more than ENERGY_GAP_US away or there is none yet. (A minute's
+        ``wh`` in ``power_1m`` is held_wh over that minute.) Circuits without points: 0."""
+        out = {}
+        for name in circuits:
+            row = self._reader().execute(
+                "SELECT coalesce(sum(CASE WHEN nxt - ts_us <= %s THEN watts * (nxt - ts_us)"
+                " END), 0) / 3.6e9::float8"
+                " FROM (SELECT ts_us, watts, LEAD(ts_us) OVER (PARTITION BY circuit_id"
+                "       ORDER BY ts_us) AS nxt FROM power WHERE circuit_id = ANY(ARRAY("
+                "       SELECT id FROM circuits WHERE name = %s)) AND ts_us >= %s"
+                "       AND ts_us < %s) AS p WHERE ts_us < %s",
+                (ENERGY_GAP_US, name, t0_us, t1_us + ENERGY_GAP_US, t1_us)).fetchone()
+            out[name] = float(row[0])
+        return out
+
+    def latest(self, kind: str, names: list[str]) -> dict[str, np.ndarray]:
+        """The newest stored row of each name that has one: columns name, ts_us, and value
+        (``readings``, by meter) or watts, volts, amps (``power``, by circuit), in the order
+        given. (An index seek per meter or circuit row, whatever the table's size: the newest
+        partition first; of a name's circuit rows, the greatest (ts_us, watts, volts, amps),
+        as on SQLite.)"""
+        if kind == "readings":
+            cols, owners, key = ("value",), "meters o ON o.ip = u.name", "meter_id"
+        elif kind == "power":
+            cols, owners, key = (("watts", "volts", "amps"),
+                                 "circuits o ON o.name = u.name", "circuit_id")
+        else:
+            raise ValueError(f"no latest {kind}")
+        listed = ", ".join(f"r.{c}" for c in cols)
+        found = self._reader().execute(
+            f"SELECT DISTINCT ON (u.i) u.i, r.ts_us, {listed}"
+            f" FROM unnest(%s::text[]) WITH ORDINALITY AS u(name, i) JOIN {owners}"
+            f" CROSS JOIN LATERAL (SELECT ts_us, {', '.join(cols)} FROM {kind}"
+            f"     WHERE {key} = o.id ORDER BY ts_us DESC LIMIT 1) AS r"
+            f" ORDER BY u.i, r.ts_us DESC, {', '.join(f'r.{c} DESC' for c in cols)}",
+            (list(names),)).fetchall()
+        rows = [(names[i - 1], *rest) for i, *rest in found]
+        return _columns(rows, ("name", "ts_us", *cols),
+                        ("S", np.int64) + (np.float64,) * len(cols))
+
+    def iter_readings(self, meters: list[str], t0_us: int, t1_us: int,
+                      chunk: int = 50_000) -> Iterator[dict[str, np.ndarray]]:
+        """``readings(meters, t0, t1)`` a chunk at a time: column dicts of at most ``chunk``
+        rows (meter, ts_us, value), by meter (in the order given) then time (rows of one
+        time in the order stored: their place in the table, ``ctid``; readings are only
+        ever appended, and one time's rows share a partition). Each chunk is a query of its
+        own (no transaction is held between chunks), continuing after the last row given:
+        rows written meanwhile may or may not appear, none appears twice."""
+        for ip in meters:
+            ids = [r[0] for r in self._reader().execute("SELECT id FROM meters WHERE ip = %s",
+                                                        (ip,)).fetchall()]
+            if not ids:
+                continue
+            last_ts, last_row = t0_us - 1, "(0,0)"
+            while True:
+                rows = self._reader().execute(
+                    "SELECT ctid::text AS place, ts_us, value FROM readings WHERE meter_id = %s"
+                    " AND ts_us >= %s AND ts_us <= %s AND (ts_us > %s OR ctid > %s::tid)"
+                    " ORDER BY ts_us, readings.ctid LIMIT %s",
+                    (ids[0], max(last_ts, t0_us), t1_us, last_ts, last_row, chunk)).fetchall()
+                if not rows:
+                    break
+                last_row, last_ts = rows[-1][0], rows[-1][1]
+                yield _columns([(ip, ts, v) for _, ts, v in rows], ("meter", "ts_us", "value"),
+                               ("S", np.int64, np.float64))
+                if len(rows) < chunk:
+                    break
+
+    def iter_power(self, circuits: list[str], t0_us: int, t1_us: int,
+                   chunk: int = 50_000) -> Iterator[dict[str, np.ndarray]]:
+        """``power(circuits, t0, t1)`` a chunk at a time: column dicts of at most ``chunk``
+        rows (circuit, ts_us, watts, volts, amps), by circuit (in the order given) then time.
+        Each chunk is a query of its own, as for ``iter_readings``."""
+        names = ("circuit", "ts_us", "watts", "volts", "amps")
+        types = ("S", np.int64, np.float64, np.float64, np.float64)
+        for name in circuits:
+            ids = [r[0] for r in self._reader().execute(
+                "SELECT id FROM circuits WHERE name = %s ORDER BY id", (name,)).fetchall()]
+            # a name several circuit rows carry (its meters changed): their points by time
+            rows = heapq.merge(*(self._power_rows(cid, t0_us, t1_us, chunk) for cid in ids))
+            while part := [(name, *r) for _, r in zip(range(chunk), rows, strict=False)]:
+                yield _columns(part, names, types)
+
+    def _power_rows(self, cid: int, t0_us: int, t1_us: int, chunk: int) -> Iterator[tuple]:
+        last = t0_us - 1
+        while True:
+            rows = self._reader().execute(
+                "SELECT ts_us, watts, volts, amps FROM power WHERE circuit_id = %s"
+                " AND ts_us > %s AND ts_us <= %s ORDER BY ts_us LIMIT %s",
+                (cid, last, t1_us, chunk)).fetchall()
+            yield from rows
+            if len(rows) < chunk:
+                return
+            last = rows[-1][0]
 
     def close(self) -> None:
         for conn in self._reader_conns:

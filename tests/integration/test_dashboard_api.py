@@ -16,9 +16,11 @@ import pytest
 import yaml
 
 from bench.dashboard import CIRCUITS, fill
-from services.dashboard.history import bucket_count
+from services.dashboard.history import bucket_count, energy_reference
+from shared.db import open_database
 from shared.service import EXIT_CANNOT_START
 from tests.integration.stack import ROOT, free_port, wait_for
+from tests.pg import BOTH_BACKENDS
 
 END_US = 1_767_225_600_000_000  # 2026-01-01 00:00 UTC
 SERIES = "&".join([f"circuit={c}" for c in CIRCUITS] + ["meter=10.0.0.1"])
@@ -33,12 +35,16 @@ def get(url: str) -> tuple[int, bytes]:
 
 
 @pytest.fixture
-def dashboard(tmp_path):
+def dashboard(tmp_path, database):
+    """A running ``wattflow dashboard`` on a database storage has not made yet: yields its
+    address, the database (a SQLite file's path, or with ``BOTH_BACKENDS`` the URL of a fresh
+    PostgreSQL database: ``fill`` takes either), the process and its config."""
     port = free_port()
-    db_path = tmp_path / "w.db"
+    target = database or str(tmp_path / "w.db")
+    storage = {"url": database} if database else {"path": target}
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({
-        "storage": {"path": str(db_path)}, "runtime": {"run_dir": str(tmp_path / "run")},
+        "storage": storage, "runtime": {"run_dir": str(tmp_path / "run")},
         "bus": {"publish": f"ipc://{tmp_path}/nobody"},
         "dashboard": {"port": port, "max_points": 200}}))
     log = open(tmp_path / "dashboard.log", "wb")
@@ -55,7 +61,7 @@ def dashboard(tmp_path):
 
     wait_for(up, 60, "the dashboard answers")
     try:
-        yield base, db_path, proc, config
+        yield base, target, proc, config
     finally:
         if proc.poll() is None:
             proc.terminate()
@@ -63,12 +69,13 @@ def dashboard(tmp_path):
         log.close()
 
 
+@BOTH_BACKENDS
 def test_it_waits_for_the_database_then_answers_from_it(dashboard):
-    base, db_path, _, _ = dashboard
+    base, target, _, _ = dashboard
     status, body = get(f"{base}/api/now")
     assert status == 503 and "no data yet" in json.loads(body)["error"]
     assert get(f"{base}/")[0] == 200 and b"<canvas" in get(f"{base}/")[1]
-    fill(str(db_path), 600, 10, END_US)  # storage makes it (here: the same interface)
+    fill(target, 600, 10, END_US)  # storage makes it (here: the same interface)
     status, body = get(f"{base}/api/history?{SERIES}&from=@{END_US // 10**6 - 300}"
                        f"&to=@{END_US // 10**6}")
     assert status == 200, body
@@ -76,6 +83,23 @@ def test_it_waits_for_the_database_then_answers_from_it(dashboard):
     assert set(answer["series"]) == {f"circuit:{c}" for c in CIRCUITS} | {"meter:10.0.0.1"}
     for s in answer["series"].values():
         assert 0 < len(s["t"]) <= 200 and sum(s["n"]) == 3000  # 10/s
+    # the newest points, and energy over a window not on minutes (rollups, rows and holds)
+    a, b = END_US - 299_000_000, END_US
+    status, body = get(f"{base}/api/now?from=@{a // 10**6}&to=@{b // 10**6}")
+    assert status == 200, body
+    now = json.loads(body)
+    last = END_US - 100_000  # (the fill's last instant)
+    assert {c: p["ts_us"] for c, p in now["circuits"].items()} == dict.fromkeys(CIRCUITS, last)
+    assert {m["ts_us"] for m in now["meters"].values()} == {last}
+    db = open_database(target if "://" in target else f"sqlite:///{target}", writer=False)
+    try:
+        for c in CIRCUITS:
+            p = db.power([c], a - 10_000_000, b)
+            assert now["circuits"][c]["watts"] == p["watts"][-1]
+            assert now["energy"]["window"]["wh"][c] == pytest.approx(
+                energy_reference(p["ts_us"], p["watts"], a, b), rel=1e-9)
+    finally:
+        db.close()
 
 
 @pytest.mark.parametrize("query,message", [
@@ -86,15 +110,16 @@ def test_it_waits_for_the_database_then_answers_from_it(dashboard):
     ("step=fast", "step: expected an integer"),
 ])
 def test_a_bad_request_says_what_is_wrong(dashboard, query, message):
-    base, db_path, _, _ = dashboard
-    fill(str(db_path), 60, 1, END_US)
+    base, target, _, _ = dashboard
+    fill(target, 60, 1, END_US)
     status, body = get(f"{base}/api/history?{query}")
     assert status == 400 and message in json.loads(body)["error"]
 
 
+@BOTH_BACKENDS
 def test_points_per_series_stay_bounded_whatever_step_is_asked(dashboard):
-    base, db_path, _, _ = dashboard
-    fill(str(db_path), 1800, 10, END_US)
+    base, target, _, _ = dashboard
+    fill(target, 1800, 10, END_US)
     t0, t1 = END_US - 1_800_000_000, END_US
     for step in (1, 1000, 1_000_000, 10**12):
         body = json.loads(get(f"{base}/api/history?{SERIES}&from=@{t0 // 10**6}"
@@ -103,9 +128,10 @@ def test_points_per_series_stay_bounded_whatever_step_is_asked(dashboard):
         assert all(len(s["t"]) <= 200 for s in body["series"].values())
 
 
+@BOTH_BACKENDS
 def test_download_streams_the_stored_rows(dashboard):
-    base, db_path, _, _ = dashboard
-    fill(str(db_path), 120, 10, END_US)
+    base, target, _, _ = dashboard
+    fill(target, 120, 10, END_US)
     status, body = get(f"{base}/api/export?from=@{END_US // 10**6 - 60}&to=@{END_US // 10**6}"
                        f"&circuit=10.0.0.3&format=jsonl")
     assert status == 200

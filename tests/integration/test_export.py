@@ -18,23 +18,46 @@ import yaml
 from bench.dashboard import CIRCUITS, fill
 from shared.db import open_database
 from tests.integration.stack import ROOT
+from tests.pg import PostgresServer
 
 END_US = 1_767_225_600_000_000  # 2026-01-01 00:00 UTC
 
 
-@pytest.fixture(scope="module")
-def stored(tmp_path_factory):
-    """Ten minutes of 10 readings/s per meter with their power, and a config for it."""
+def filled(tmp_path_factory, url: str | None):
+    """Ten minutes of 10 readings/s per meter with their power, and a config for it: in a
+    SQLite file (``url`` None) or the PostgreSQL database at ``url``."""
     tmp = tmp_path_factory.mktemp("export")
-    db_path = tmp / "w.db"
-    fill(str(db_path), 600, 10, END_US)
+    target = url or str(tmp / "w.db")
+    fill(target, 600, 10, END_US)
     config = tmp / "config.yaml"
-    config.write_text(yaml.safe_dump({"storage": {"path": str(db_path)},
+    config.write_text(yaml.safe_dump({"storage": {"url": url} if url else {"path": target},
                                       "runtime": {"run_dir": str(tmp / "run")},
                                       "dashboard": {"timezone": "Europe/Berlin"}}))
-    db = open_database(f"sqlite:///{db_path}", writer=False)
+    db = open_database(url or f"sqlite:///{target}", writer=False)
+    return config, db
+
+
+@pytest.fixture(scope="module")
+def stored_sqlite(tmp_path_factory):
+    config, db = filled(tmp_path_factory, None)
     yield config, db
     db.close()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def stored(request, tmp_path_factory, postgres_server):
+    """The data and config of ``filled``, on SQLite, then on a fresh database of the session's
+    PostgreSQL server (skipped, with the reason, where none can run)."""
+    if request.param == "sqlite":
+        yield request.getfixturevalue("stored_sqlite")
+        return
+    if postgres_server is None:
+        pytest.skip(PostgresServer.missing())
+    url = postgres_server.create_database()
+    config, db = filled(tmp_path_factory, url)
+    yield config, db
+    db.close()
+    postgres_server.drop_database(url)
 
 
 def export(config, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -113,8 +136,8 @@ def test_progress_bar_when_asked(stored):
     (("--from", "1h", "--circuit", "pump"), "unknown circuit 'pump'"),
     (("--from", "1h", "--meter", "10.0.0.1", "--power"), "--meter is for readings"),
 ])
-def test_bad_arguments_say_what_is_wrong(stored, args, message):
-    done = export(stored[0], *args, check=False)
+def test_bad_arguments_say_what_is_wrong(stored_sqlite, args, message):
+    done = export(stored_sqlite[0], *args, check=False)
     assert done.returncode == 2 and message in done.stderr, done.stderr
 
 

@@ -170,6 +170,19 @@ def test_png_chart_appears(stack):
     assert not list(png.parent.glob(".*.tmp"))  # written beside, then renamed
 
 
+def test_a_restarted_plotter_draws_the_stored_history_at_once(stack):
+    stack.send(b"".join(line(V_METER, T0 + k * SECOND, 100) + line("10.0.0.4", T0 + k * SECOND, 2)
+                        for k in range(20)))
+    wait_for(lambda: stack.count("power") == 20, 30, "20 power points stored")
+    assert stack.stop("plotter") == {"plotter": 0}
+    stack.png_path.unlink(missing_ok=True)
+    stack.start("plotter")  # nothing is sent from now on: what it draws comes from the database
+    wait_for(lambda: "history: 20 power points" in stack.log("plotter"), 30,
+             lambda: "the plotter reading history: " + stack.log("plotter")[-2000:])
+    wait_for(lambda: stack.counters("plotter").get("frames", 0) >= 1, 30, "a frame drawn")
+    assert stack.png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_tap_prints_power_as_json(stack):
     tap = subprocess.Popen(stack.wattflow("tap", "power", "--count", "1", "--timeout", "30"),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=stack.env)

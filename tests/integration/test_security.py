@@ -125,6 +125,38 @@ def test_a_client_without_an_allowed_key_receives_nothing(curve_stack):
         assert not sub.sock.poll(0), f"a client with {name} received a message"
 
 
+def send_one_large_batch(stack: Stack, src: str) -> None:
+    """A new connection to the work queue whose first batch is 2 MB; then it closes."""
+    pusher = Pusher(stack.ctx, stack.config["bus"]["push"], src, cfg=stack.cfg)
+    try:
+        body = {"x": os.urandom(2 << 20)}
+        wait_for(lambda: pusher.send_seq(topics.RAW, 0, body), 10, "room on the work queue")
+    finally:
+        pusher.sock.close(linger=2000)
+
+
+def test_work_queue_survives_new_senders_whose_first_batch_is_large(tmp_path):
+    """With CURVE, a new connection's ZAP user id waits ahead of its first message on the
+    broker's PULL socket, which then polls readable before that message is whole; libzmq's
+    proxy gave up on the empty read (EAGAIN) and the work queue forwarded nothing more while
+    the broker kept reporting. Each new sender's first batch here is 2 MB (many reads)."""
+    stack = Stack(tmp_path, curve_overrides(tmp_path))
+    try:
+        stack.start("broker")
+        wait_for(lambda: "broker" in stack.stats(), 30, "the broker's stats")
+        puller = Subscriber(stack.ctx, stack.config["bus"]["pull"], [], cfg=stack.cfg, pull=True)
+        stack.subs.append(puller)
+        for i in range(6):
+            send_one_large_batch(stack, f"sender-{i}")
+            wait_for(lambda: puller.sock.poll(100), 10,
+                     lambda: "a new sender's batch through the work queue (broker's counters: "
+                             f"{stack.counters('broker')})")
+            puller.sock.recv_multipart()
+        stack.check_alive()
+    finally:
+        stack.close()
+
+
 def test_forged_raw_and_ack_from_strangers_change_nothing(curve_stack):
     stack = curve_stack
     ingest_id = stack.stats()["ingest"]["id"]

@@ -16,12 +16,11 @@ from hypothesis import strategies as st
 
 from services.dashboard.history import buckets_reference, energy_reference, energy_wh
 from shared.config import Meter
-from shared.db import ENERGY_GAP_US, MINUTE_US, PowerBatch, RawBatch, open_database
+from shared.db import ENERGY_GAP_US, HOUR_US, MINUTE_US, PowerBatch, RawBatch, open_database
 from tests.shared.db.conftest import T0
 
 METERS = (Meter("10.0.0.1", "V", 0.0, 110.0), Meter("10.0.0.2", "A", 0.0, 5.0))
 IPS = [m.ip for m in METERS]
-DAY_US = 86_400_000_000
 EXAMPLE = settings(max_examples=60, deadline=None,
                    suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -45,7 +44,10 @@ def db(db_url):
 
 
 def region(db) -> int:
-    return T0 + next(db.regions) * 30 * DAY_US
+    """3 h apart: an example's points span at most 1.5 h (``power_example``), and on
+    PostgreSQL several examples share a day's partition (a partition made per example costs
+    more than the example)."""
+    return T0 + next(db.regions) * 3 * HOUR_US
 
 
 # offsets (µs) in a few minutes, with many ties, and values
@@ -193,3 +195,25 @@ def test_latest_is_the_newest_row_of_each(db, data):
     got = db.latest("power", ["main", "nobody"])
     assert got["name"].tolist() == [b"main"] and got["ts_us"].tolist() == [int(ts[-1])]
     assert got["watts"].tolist() == [watts[-1]] and got["amps"].tolist() == [watts[-1] / 10]
+
+
+def test_ties_come_in_the_order_stored_across_chunks_and_pages(db):
+    # rows of one time over several pages of the table (PostgreSQL: heap pages), two writes
+    base, n = region(db), 1500
+    for k in range(2):
+        db.write([RawBatch(f"s{base}-{k}", 0, 0, np.zeros(n, np.int64), np.full(n, base),
+                           np.arange(k * n, (k + 1) * n, dtype=np.float64))])
+    parts = list(db.iter_readings([IPS[0]], base, base, 97))
+    assert [len(p["value"]) for p in parts] == [97] * 30 + [3000 - 97 * 30]
+    assert np.concatenate([p["value"] for p in parts]).tolist() == list(range(2 * n))
+    # one circuit name on two circuit rows with points at the same times: by time, then by
+    # (watts, volts, amps); the newest of them is the greatest such row
+    db.write([PowerBatch(power_cols("main", [base, base + 1], [5.0, 1.0]))])
+    db.write([PowerBatch(power_cols("main", [base, base + 1], [2.0, 9.0], "10.0.0.3"))])
+    got = [(t, w) for p in db.iter_power(["main"], base, base + 1, 1)
+           for t, w in zip(p["ts_us"].tolist(), p["watts"].tolist(), strict=True)]
+    assert got == [(base, 2.0), (base, 5.0), (base + 1, 1.0), (base + 1, 9.0)]
+    latest = db.latest("power", ["main", "nobody", "main"])
+    assert latest["name"].tolist() == [b"main", b"main"]
+    assert latest["ts_us"].tolist() == [base + 1] * 2 and latest["watts"].tolist() == [9.0] * 2
+    assert db.latest("readings", [IPS[0], IPS[0]])["ts_us"].tolist() == [base, base]
