@@ -226,7 +226,7 @@ class History:
 
     def __init__(self, cfg: Config, window: Window):
         self.cfg, self.window = cfg, window
-        self.done, self.next_try = False, 0.0
+        self.done, self.next_try, self.tries = False, 0.0, 0
         self.v_meter = {c.name: c.voltage for c in cfg.circuits}
 
     def fill(self) -> int:
@@ -236,15 +236,14 @@ class History:
         from shared.db import NotReady, open_database, storage_url
 
         self.next_try = time.monotonic() + self.RETRY_S
+        self.tries += 1
+        say = log.info if self.tries == 1 else log.debug  # said once, not every 5 s
         names = list(self.v_meter)
         try:
             db = open_database(storage_url(self.cfg.storage), writer=False)
-        except (NotReady, OSError, ValueError) as exc:
-            log.info("no history to draw yet (%s); trying again in %.0f s", exc, self.RETRY_S)
-            return 0
-        except Exception as exc:  # e.g. PostgreSQL not reachable: live data still draws
-            log.warning("cannot read history: %s; trying again in %.0f s", exc, self.RETRY_S)
-            return 0
+        except Exception as exc:  # not made yet, not mounted, PostgreSQL not reachable: live
+            say("no history to draw yet (%s); trying again every %.0f s", exc, self.RETRY_S)
+            return 0  # data still draws
         added = 0
         try:
             newest = db.latest("power", names)
@@ -260,7 +259,7 @@ class History:
             log.info("history: %d power points of the last %.0f s drawn from the database",
                      added, self.window.window_us / 1e6)
         except Exception as exc:
-            log.warning("cannot read history: %s; trying again in %.0f s", exc, self.RETRY_S)
+            say("cannot read history: %s; trying again every %.0f s", exc, self.RETRY_S)
         finally:
             db.close()
         return added
