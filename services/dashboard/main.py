@@ -44,6 +44,22 @@ STATIC = Path(__file__).resolve().parent / "static"
 DEFAULT_SPAN_US = 300 * history.SECOND_US
 
 
+def _database_errors() -> tuple[type[BaseException], ...]:
+    import sqlite3
+
+    errors: list[type[BaseException]] = [sqlite3.OperationalError, sqlite3.DatabaseError]
+    try:
+        import psycopg
+
+        errors.append(psycopg.OperationalError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+DATABASE_ERRORS = _database_errors()
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -68,6 +84,14 @@ class Dashboard:
             except NotReady as exc:
                 raise ApiError(503, f"no data yet: {exc}") from None
         return self.db
+
+    def forget_database(self) -> None:
+        db, self.db = self.db, None
+        if db is not None:
+            try:
+                db.close()
+            except Exception:  # noqa: BLE001 - it failed already; a new one is opened
+                pass
 
     def config(self) -> dict:
         return {"circuits": [{"name": c.name, "voltage": c.voltage, "current": c.current}
@@ -190,6 +214,11 @@ def make_app(dash: Dashboard, rt: Runtime | None = None) -> web.Application:
         except ApiError as exc:
             counters[f"{what}_errors"] = counters.get(f"{what}_errors", 0) + 1
             return web.json_response({"error": str(exc)}, status=exc.status)
+        except DATABASE_ERRORS as exc:  # e.g. SQLite on a read-only mount with storage stopped
+            counters[f"{what}_errors"] = counters.get(f"{what}_errors", 0) + 1
+            dash.forget_database()  # opened afresh by the next request
+            log.warning("database unavailable: %s", exc)
+            return web.json_response({"error": f"database unavailable: {exc}"}, status=503)
         counters[f"{what}_requests"] = counters.get(f"{what}_requests", 0) + 1
         gauges[f"{what}_ms"] = round((time.perf_counter() - started) * 1000, 1)
         return web.Response(text=json.dumps(body, default=_jsonable),

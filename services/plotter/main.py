@@ -233,7 +233,7 @@ class History:
         """One attempt (if due); the number of points added."""
         if self.done or time.monotonic() < self.next_try:
             return 0
-        from shared.db import NotReady, open_database, storage_url
+        from shared.db import open_database, storage_url
 
         self.next_try = time.monotonic() + self.RETRY_S
         self.tries += 1

@@ -6,6 +6,7 @@ when its port is taken."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -153,3 +154,16 @@ def test_a_taken_port_names_the_key(dashboard):
                            str(config)], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == EXIT_CANNOT_START
     assert "dashboard.port" in done.stderr and "WATTFLOW_DASHBOARD_PORT" in done.stderr
+
+
+def test_an_unreadable_database_is_a_503_with_its_reason_and_is_opened_again(dashboard):
+    base, target, proc, _ = dashboard
+    with open(target, "wb") as f:  # not a database (as a read-only mount can fail to open)
+        f.write(b"this is not a SQLite database" * 200)
+    status, body = get(f"{base}/api/now")
+    assert status == 503 and "database unavailable" in json.loads(body)["error"], body
+    assert proc.poll() is None
+    os.unlink(target)
+    fill(target, 60, 10, END_US)  # a good one in its place: answered from it
+    status, body = get(f"{base}/api/now")
+    assert status == 200, body
