@@ -56,7 +56,10 @@ def test_two_ingest_three_storage_replicas_exactly_once(make_stack, database):
     stack.kill(victim)
     wait_for(lambda: writers(stack) and victim_src not in writers(stack), 30,
              "a standby to take over (SQLite), the victim gone from the writers")
-    stack.start("storage-4")  # a replica added mid-stream
+    stack.start("storage-4")  # a replica added mid-stream: reporting before the half-way mark
+    wait_for(lambda: any(s["pid"] == stack.procs["storage-4"].pid and s["gauges"].get("role")
+                         for s in stack.instances().values()), 60,
+             "the added replica reporting with its role")
 
     # an ingest replica stopped (kill -9) with unacked batches: storage held, lines sent to
     # both replicas, the feeder paused so nothing is on its way, then the kill; the other
