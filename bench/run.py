@@ -551,9 +551,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="instead: only the PostgreSQL measurements, on the server at URL (a user"
                          " who may create databases), or 'private' for a private server"
                          " (tests/pg.py, default settings)")
+    ap.add_argument("--scale", action="store_true",
+                    help="instead: 1, 2 and 3 storage replicas on SQLite and on PostgreSQL (a"
+                         " private server; see bench/scale.py); with --quick, small")
     args = ap.parse_args(argv)
     if args.soak:
         return run_soak(args)
+    if args.scale:
+        return run_scale(args)
     if args.postgres:
         return run_postgres_only(args)
     conns, lat_conns = 10, 20
@@ -630,6 +635,14 @@ def run_soak(args) -> int:
     out.write_text(json.dumps(report, indent=2))
     print(f"\nJSON: {out}")
     return 0 if report["soak"]["exact"] else 1
+
+
+def run_scale(args) -> int:
+    from bench import scale
+
+    out = Path(args.json).with_name("scale.json") if args.json.endswith(
+        "latest.json") else Path(args.json)
+    return scale.main((["--quick"] if args.quick else []) + ["--json", str(out)])
 
 
 def run_postgres_only(args) -> int:

@@ -27,7 +27,10 @@ import time
 import uuid
 from pathlib import Path
 
-import pytest
+try:
+    import pytest
+except ImportError:  # the benchmark (./run-bench's venv: no test extra) needs the server only
+    pytest = None
 
 # Tests need no durability (a crashed test server is thrown away): no fsync makes them faster.
 TEST_SETTINGS = {"fsync": "off", "full_page_writes": "off", "synchronous_commit": "off",
@@ -35,7 +38,8 @@ TEST_SETTINGS = {"fsync": "off", "full_page_writes": "off", "synchronous_commit"
 PR_SET_PDEATHSIG = 1
 # A test of the ``stack`` or ``make_stack`` fixtures (tests/conftest.py), run with storage on
 # SQLite, then on a fresh database of the session's server (skipped where none can run).
-BOTH_BACKENDS = pytest.mark.parametrize("database", ["sqlite", "postgresql"], indirect=True)
+BOTH_BACKENDS = pytest.mark.parametrize("database", ["sqlite", "postgresql"],
+                                        indirect=True) if pytest else None
 
 
 def find_bin() -> Path | None:
@@ -203,7 +207,6 @@ class PostgresServer:
                 time.sleep(0.05)  # polling for readiness, with a deadline
 
 
-@pytest.fixture(scope="session")
 def postgres_server():
     """A private PostgreSQL server for the whole test session (None if none can run here)."""
     if PostgresServer.missing():
@@ -214,3 +217,7 @@ def postgres_server():
         yield server
     finally:
         server.stop()
+
+
+if pytest is not None:
+    postgres_server = pytest.fixture(scope="session")(postgres_server)
