@@ -375,7 +375,8 @@ def throughput(stack: Stack, conns: int, ticks: int) -> dict:
     frames_before = stack.counters("plotter").get("frames", 0)
     load = run_load(stack.port, conns, ticks)
     wait_for(lambda: all_through(stack, lines), 600,
-             lambda: f"{lines} readings and their power stored: {stack.describe()}", step=0.02)
+             lambda: f"{lines} readings and their power stored: {stack.describe()} power: "
+                     f"{stack.stats().get('power')}", step=0.02)
     t_end = time.time()
     frames = stack.counters("plotter").get("frames", 0) - frames_before
     sent = json.loads(load.communicate(timeout=60)[0])
@@ -458,7 +459,8 @@ def latency(stack: Stack, conns: int, rate_total: float, seconds: float) -> dict
             flow_s = t1 - t0
             fps = (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
     wait_for(lambda: all_through(stack, readings_before + lines), 60,
-             lambda: f"latency phase stored: {stack.describe()}")
+             lambda: f"latency phase stored: {stack.describe()} power: "
+                     f"{stack.stats().get('power')}")
     ms = np.concatenate(lat) * 1000 if lat else np.zeros(1)
     return {"offered_lines_per_s": rate_total, "connections": conns, "lines": lines,
             "lines_sent": sent["lines"], "power_points": got,
