@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 log = logging.getLogger("outbox")
 MAX_RESEND_S = 30.0
 
@@ -132,5 +134,7 @@ class Outbox:
         if not self.entries:
             return 0.0
         first = next(iter(self.entries.values())).data
-        times = [*first.get("t_recv", ()), *first.get("rejected", {}).get("t_recv", ())]
-        return now - float(min(times)) if times else 0.0
+        # (asked on every housekeeping tick: the columns' own min, not a list of their values)
+        times = [float(np.min(col)) for col in (first.get("t_recv", ()),
+                 first.get("rejected", {}).get("t_recv", ())) if len(col)]
+        return now - min(times) if times else 0.0
