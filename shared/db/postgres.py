@@ -240,6 +240,12 @@ class _Kept:
             setattr(self.batch, f, value)
 
 
+# Energy is watts x µs: PostgreSQL raises "value out of range: underflow" where a product or a
+# quotient of doubles is too small to hold (SQLite rounds it to 0). A power below 1e-290 W
+# adds nothing anyone can see: counted as 0, so no value a meter sends can fail a rollup.
+_WATTS_NOT_TINY = "(CASE WHEN abs(watts) < 1e-290 THEN 0 ELSE watts END)"
+
+
 class PostgresDatabase:
     def __init__(self, url: str, meters: tuple[Meter, ...] | list[Meter] = (),
                  circuits: tuple[Circuit, ...] | list[Circuit] = (),
@@ -822,7 +828,7 @@ class PostgresDatabase:
         """A minute's power rollup from the stored points (a read): n, sum, min, max, wh."""
         row = self._reader().execute(
             "SELECT count(*), sum(watts), min(watts), max(watts), sum(CASE WHEN nxt - ts_us"
-            " <= %s THEN watts * (nxt - ts_us) ELSE 0 END) / 3.6e9::float8"
+            " <= %s THEN " + _WATTS_NOT_TINY + " * (nxt - ts_us) ELSE 0 END) / 3.6e9::float8"
             " FROM (SELECT ts_us, watts, LEAD(ts_us) OVER (ORDER BY ts_us) AS nxt FROM power"
             "       WHERE circuit_id = %s AND ts_us >= %s AND ts_us < %s) AS p WHERE ts_us < %s",
             (ENERGY_GAP_US, cid, t, t + MINUTE_US + ENERGY_GAP_US, t + MINUTE_US)).fetchone()
@@ -1066,7 +1072,7 @@ class PostgresDatabase:
         out = {}
         for name in circuits:
             row = self._reader().execute(
-                "SELECT coalesce(sum(CASE WHEN nxt - ts_us <= %s THEN watts * (nxt - ts_us)"
+                "SELECT coalesce(sum(CASE WHEN nxt - ts_us <= %s THEN " + _WATTS_NOT_TINY + " * (nxt - ts_us)"
                 " END), 0) / 3.6e9::float8"
                 " FROM (SELECT ts_us, watts, LEAD(ts_us) OVER (PARTITION BY circuit_id"
                 "       ORDER BY ts_us) AS nxt FROM power WHERE circuit_id = ANY(ARRAY("
