@@ -612,14 +612,11 @@ class SqliteDatabase:
 
     def newest_power(self, circuits: list[str]) -> dict[str, int]:
         """The latest stored power point's time of each circuit that has one."""
-        out = {}
-        for name in circuits:
-            row = self._reader().execute(
-                "SELECT max(p.ts_us) FROM power p JOIN circuits c ON c.id = p.circuit_id"
-                " WHERE c.name = ?", (name,)).fetchone()
-            if row[0] is not None:
-                out[name] = row[0]
-        return out
+        # (by ``latest``: an index seek per circuit row; a max() over a join scanned the whole
+        # table, seconds at a million points, during which power sent no stats)
+        newest = self.latest("power", circuits)
+        return {n.decode(): int(t) for n, t in zip(newest["name"].tolist(),
+                                                   newest["ts_us"].tolist(), strict=True)}
 
     def progress(self) -> dict[str, int]:
         """Each circuit's checkpoint: stored points up to this time are final."""
