@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 from bench.load import GROUP_SIZE, STEP_US, _slice_ends, make_payload
+from bench.run import rss
 from shared.parsing import to_us
 from tests.integration.stack import SERVICES, Stack, free_port, wait_for
 
@@ -74,11 +75,7 @@ def raise_nofile() -> int:
 
 
 def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    return rss(pid) / 2**20
 
 
 # ---- honest meters (a process of their own) ------------------------------------------------

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.load import METERS
+from bench.run import rss
 from shared import topics
 from tests.integration.stack import Stack, wait_for
 
@@ -32,11 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    return rss(pid) / 2**20
 
 
 def file_mb(path: Path) -> float:

@@ -1,3 +1,7 @@
+import contextlib
+import os
+import subprocess
+
 import pytest
 
 from tests.integration.stack import Stack
@@ -59,3 +63,18 @@ def make_stack(tmp_path, database):
     yield make
     for s in made:
         s.close()
+
+
+@contextlib.contextmanager
+def small_filesystem(tmp_path, size_mb: int):
+    """A real filesystem of ``size_mb`` (tmpfs) at ``tmp_path/disk``; needs root, as CI has."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small filesystem needs root")
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(mnt)],
+                   check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

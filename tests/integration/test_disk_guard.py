@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 
+from tests.conftest import small_filesystem
 from tests.integration.lines import RANGES, T0, in_range, line
 from tests.integration.stack import Stack, wait_for
 
@@ -18,16 +19,8 @@ DISK_MB, MIN_FREE_MB = 64, 24
 
 @pytest.fixture
 def small_disk(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small filesystem needs root")
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_MB}m", "tmpfs", str(mnt)],
-                   check=True)
-    try:
+    with small_filesystem(tmp_path, DISK_MB) as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def take_space(directory, leave_mb: float):

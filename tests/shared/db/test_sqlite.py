@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from services.storage.writer import Writer
 from shared.config import Meter
 from shared.db import DiskFull, RawBatch
 from shared.db.sqlite import SqliteDatabase
+from tests.conftest import small_filesystem
 from tests.shared.db.conftest import T0
 
 METERS = (Meter("10.0.0.1", "V", 0.0, 110.0), Meter("10.0.0.2", "A", 0.0, 5.0))
@@ -58,16 +58,9 @@ def test_wal_stays_bounded_under_a_writer_that_never_pauses(tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A real filesystem of 6 MB (tmpfs; needs root, as CI has)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small filesystem needs root")
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], check=True)
-    try:
+    """A real filesystem of 6 MB."""
+    with small_filesystem(tmp_path, 6) as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def fill(directory: Path) -> Path:
