@@ -148,6 +148,12 @@ CREATE VIEW IF NOT EXISTS power_view AS
     FROM power p JOIN circuits c ON c.id = p.circuit_id;
 """
 
+POWER_ROLLUP_ADD = """
+INSERT INTO {table} (circuit_id, t, n, sum, min, max, wh) VALUES (?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (circuit_id, t) DO UPDATE SET n = n + excluded.n, sum = sum + excluded.sum,
+    min = min(min, excluded.min), max = max(max, excluded.max), wh = wh + excluded.wh
+"""
+
 ROLLUP_UPSERT = """
 INSERT INTO {table} (meter_id, t, n, sum, min, max) VALUES (?, ?, ?, ?, ?, ?)
 ON CONFLICT (meter_id, t) DO UPDATE SET n = n + excluded.n, sum = sum + excluded.sum,
@@ -189,6 +195,10 @@ class SqliteDatabase:
         self._migrate()
         self.meter_ids = self._meters(meters)
         self.circuit_ids: dict[tuple[str, str, str], int] = {}
+        # each circuit's newest stored point (time, watts), or None: the rollups of points
+        # that come after it are added as they are written (_roll_power)
+        self._power_newest: dict[int, tuple[int, float] | None] = {}
+        self._power_staged: dict[int, tuple[int, float] | None] = {}
         if checkpoints:
             self._checkpointer = threading.Thread(target=self._checkpoint_loop, daemon=True,
                                                   name="checkpoint")
@@ -362,15 +372,82 @@ class SqliteDatabase:
         values = (ids, *(cols[k] for k in names[1:]))
         self._insert("power", names, values, upsert=("circuit_id", "ts_us"))
         self._add_total("power_writes", len(cols["ts_us"]))
-        # the minutes touched (and the one before: its last point's energy reaches into them)
+        cid = np.asarray(ids, np.int64)
         ts = np.asarray(cols["ts_us"], np.int64)
+        watts = np.asarray(cols["watts"], np.float64)
+        dirty: set[tuple[int, int]] = set()
+        for c in np.unique(cid).tolist():
+            at = np.flatnonzero(cid == c)
+            self._roll_power(c, ts[at], watts[at], dirty)
+        if dirty:
+            now = time.time()
+            self.conn.executemany(
+                "INSERT INTO power_dirty (circuit_id, t, touched) VALUES (?, ?, ?)"
+                " ON CONFLICT DO UPDATE SET touched = excluded.touched",
+                [(c, t, now) for c, t in sorted(dirty)])
+
+    def _roll_power(self, c: int, ts: np.ndarray, watts: np.ndarray, dirty: set) -> None:
+        """The rollups of one circuit's points just written. Points that all come after the
+        circuit's newest stored one (the usual case) are added to their minutes' and hours'
+        rollups here, with the energy of the newest point's hold until the first of them:
+        the same figures ``power_minute`` computes from the stored points (a test compares
+        them). Any other points (late, written again, recomputed), and any minute that is
+        waiting for its recompute, mark their minutes (and the minute before each: its last
+        point's energy reaches into them) for the recompute from the stored points."""
+        newest = self._newest_point(c)
+        order = np.argsort(ts, kind="stable")  # equal times: the later row wins, as stored
+        ts, watts = ts[order], watts[order]
+        if newest is None or ts[-1] >= newest[0]:
+            self._power_staged[c] = (int(ts[-1]), float(watts[-1]))
         minute = ts - ts % MINUTE_US
-        keys = set(zip(ids, minute.tolist(), strict=True))
-        keys |= {(c, t - MINUTE_US) for c, t in keys}
-        now = time.time()
-        self.conn.executemany("INSERT INTO power_dirty (circuit_id, t, touched) VALUES (?, ?, ?)"
-                              " ON CONFLICT DO UPDATE SET touched = excluded.touched",
-                              [(c, t, now) for c, t in sorted(keys)])
+        if (newest is not None and ts[0] <= newest[0]) or not (np.diff(ts) > 0).all():
+            for m in set(minute.tolist()):
+                dirty.update(((c, m), (c, m - MINUTE_US)))
+            return
+        start = np.flatnonzero(np.concatenate(([True], minute[1:] != minute[:-1])))
+        gap = np.diff(ts)
+        wh = np.append(np.where(gap <= ENERGY_GAP_US, watts[:-1] * gap, 0.0) / 3.6e9, 0.0)
+        rows = list(zip(minute[start].tolist(), np.diff(np.append(start, len(ts))).tolist(),
+                        np.add.reduceat(watts, start).tolist(),
+                        np.minimum.reduceat(watts, start).tolist(),
+                        np.maximum.reduceat(watts, start).tolist(),
+                        np.add.reduceat(wh, start).tolist(), strict=True))
+        held = None  # (minute, Wh) of the newest stored point's hold until ts[0]
+        if newest is not None and ts[0] - newest[0] <= ENERGY_GAP_US:
+            held = (newest[0] - newest[0] % MINUTE_US,
+                    newest[1] * (int(ts[0]) - newest[0]) / 3.6e9)
+        lo = rows[0][0] if held is None else held[0]
+        waiting = {t for (t,) in self.conn.execute(
+            "SELECT t FROM power_dirty WHERE circuit_id = ? AND t BETWEEN ? AND ?",
+            (c, lo, rows[-1][0]))}
+        if held is not None:
+            if held[0] == rows[0][0]:
+                rows[0] = (*rows[0][:5], rows[0][5] + held[1])
+            elif held[0] in waiting or not self._add_wh(c, *held):
+                dirty.add((c, held[0]))
+        adds = [(c, *r) for r in rows if r[0] not in waiting]
+        dirty.update((c, r[0]) for r in rows if r[0] in waiting)
+        self.conn.executemany(POWER_ROLLUP_ADD.format(table="power_1m"), adds)
+        self.conn.executemany(POWER_ROLLUP_ADD.format(table="power_1h"),
+                              [(c, t - t % HOUR_US, *r) for c, t, *r in adds])
+
+    def _add_wh(self, c: int, minute: int, wh: float) -> bool:
+        """Add ``wh`` to a minute's rollup and its hour's; False if the minute has none."""
+        if not self.conn.execute("UPDATE power_1m SET wh = wh + ? WHERE circuit_id = ?"
+                                 " AND t = ?", (wh, c, minute)).rowcount:
+            return False
+        return bool(self.conn.execute("UPDATE power_1h SET wh = wh + ? WHERE circuit_id = ?"
+                                      " AND t = ?", (wh, c, minute - minute % HOUR_US)).rowcount)
+
+    def _newest_point(self, c: int) -> tuple[int, float] | None:
+        """(time, watts) of the circuit's newest stored point, kept after the first read."""
+        for known in (self._power_staged, self._power_newest):
+            if c in known:
+                return known[c]
+        row = self.conn.execute("SELECT ts_us, watts FROM power WHERE circuit_id = ?"
+                                " ORDER BY ts_us DESC LIMIT 1", (c,)).fetchone()
+        self._power_staged[c] = None if row is None else (row[0], row[1])
+        return self._power_staged[c]
 
     def _write_progress(self, progress: dict[str, int]) -> None:
         for name, through in progress.items():
@@ -527,12 +604,14 @@ class SqliteDatabase:
     @contextlib.contextmanager
     def _transaction(self):
         self.conn.execute("BEGIN IMMEDIATE")
+        self._power_staged = {}  # newest points learnt in it: kept once it commits
         try:
             yield
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
         self.conn.execute("COMMIT")
+        self._power_newest.update(self._power_staged)
 
     def rollup_step(self, now_s: float, settle_s: float = 10.0, most: int = 50) -> int:
         """Per-minute and per-hour power rollups (n, sum, min, max of watts; energy in Wh:
@@ -641,6 +720,8 @@ class SqliteDatabase:
             gone = self.conn.execute("DELETE FROM power WHERE circuit_id = ? AND ts_us"
                                      " BETWEEN ? AND ?", (cid, t0_us, t1_us)).rowcount
             self.state["power_replaced"] = self.state.get("power_replaced", 0) + gone
+            self._power_staged.pop(cid, None)  # (it may be gone: read again)
+            self._power_newest.pop(cid, None)
             self._write_power(points)
 
     def free_bytes(self) -> int:

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from services.storage.writer import Writer
-from shared.config import Meter
-from shared.db import DiskFull, RawBatch
+from shared.config import Circuit, Meter
+from shared.db import DiskFull, PowerBatch, RawBatch
 from shared.db.sqlite import SqliteDatabase
 from tests.conftest import small_filesystem
 from tests.shared.db.conftest import T0
@@ -166,3 +168,105 @@ def test_schema_1_is_migrated_keeping_the_data(tmp_path):
     again = SqliteDatabase(str(path), METERS)  # a second start finds schema 2: nothing to do
     assert again.totals()["readings"] == 3
     again.close()
+
+
+# ---- power rollups kept as points are written, against the recompute from the rows ----------
+
+CIRCUITS = ("main", "aux")
+HOUR0 = T0 - T0 % 3_600_000_000 + 3_600_000_000 - 90_000_000  # 90 s before an hour starts
+
+
+def _power(circuit: str, ts: list[int], watts: list[float]) -> dict:
+    n = len(ts)
+    return {"circuit": np.array([circuit.encode()] * n, "S"),
+            "v_meter": np.array([b"10.0.0.1"] * n), "a_meter": np.array([b"10.0.0.2"] * n),
+            "ts_us": np.array(ts, np.int64), "watts": np.array(watts, np.float64),
+            "volts": np.full(n, 10.0), "amps": np.array(watts, np.float64) / 10.0}
+
+
+def _rollup_rows(db, table: str) -> dict[tuple[int, int], tuple]:
+    return {(c, t): rest for c, t, *rest in db.conn.execute(
+        f"SELECT circuit_id, t, n, sum, min, max, wh FROM {table}")}
+
+
+def _check_settled_rollups_match_the_rows(db) -> None:
+    """Every minute not waiting for its recompute has the rollup ``power_minute`` computes
+    from the stored points (none if it has no points); every hour without such a minute is
+    its minutes' sum."""
+    waiting = set(db.conn.execute("SELECT circuit_id, t FROM power_dirty"))
+    minutes = _rollup_rows(db, "power_1m")
+    with_points = set(db.conn.execute(
+        "SELECT DISTINCT circuit_id, ts_us - ts_us % 60000000 FROM power"))
+    for key in (set(minutes) | with_points) - waiting:
+        want, got = db.power_minute(*key), minutes.get(key)
+        assert (got is None) == (want is None), (key, got, want)
+        if want is not None:
+            assert got[:4] == pytest.approx(want[:4], rel=1e-9), key
+            assert got[4] == pytest.approx(want[4], rel=1e-9, abs=1e-12), key
+    hours = _rollup_rows(db, "power_1h")
+    waiting_hours = {(c, t - t % 3_600_000_000) for c, t in waiting}
+    for (c, h), got in hours.items():
+        if (c, h) in waiting_hours:
+            continue
+        mine = [v for (cc, t), v in minutes.items() if cc == c and h <= t < h + 3_600_000_000]
+        assert got[0] == sum(m[0] for m in mine)
+        assert got[1] == pytest.approx(sum(m[1] for m in mine), rel=1e-9)
+        assert got[4] == pytest.approx(sum(m[4] for m in mine), rel=1e-9, abs=1e-12)
+
+
+_step = st.one_of(
+    # points after the newest: steps from 0.1 s to 8 s (some longer than the energy gap)
+    st.tuples(st.just("append"), st.sampled_from(CIRCUITS),
+              st.lists(st.integers(100_000, 8_000_000), min_size=1, max_size=30),
+              st.floats(0, 5000)),
+    # points anywhere in the five minutes (late, or written again)
+    st.tuples(st.just("anywhere"), st.sampled_from(CIRCUITS),
+              st.lists(st.integers(0, 300_000_000), min_size=1, max_size=10),
+              st.floats(0, 5000)),
+    st.tuples(st.just("reopen")),
+    st.tuples(st.just("replace"), st.sampled_from(CIRCUITS), st.integers(0, 300_000_000),
+              st.integers(0, 60_000_000)),
+    st.tuples(st.just("rollup")))
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(_step, min_size=1, max_size=25))
+def test_power_rollups_kept_while_writing_match_the_recompute(tmp_path_factory, steps):
+    """The rollups storage adds as points arrive in order (``_roll_power``) against the plain
+    definition, ``power_minute`` over the stored points, after any mix of in-order, late and
+    rewritten points, recomputes (``replace_power``), restarts and rollup rounds; at the end,
+    once every minute is recomputed, everything matches."""
+    path = str(tmp_path_factory.mktemp("roll") / "w.db")
+    db = SqliteDatabase(path, METERS, checkpoints=False)
+    newest = {c: HOUR0 for c in CIRCUITS}
+    try:
+        for step in steps:
+            if step[0] == "append":
+                _, c, gaps, w = step
+                ts = (newest[c] + np.cumsum(gaps)).tolist()
+                newest[c] = ts[-1]
+                db.write([PowerBatch(_power(c, ts, [w + k for k in range(len(ts))]))])
+            elif step[0] == "anywhere":
+                _, c, offsets, w = step
+                ts = [HOUR0 + o for o in offsets]
+                newest[c] = max(newest[c], *ts)
+                db.write([PowerBatch(_power(c, ts, [w] * len(ts)))])
+            elif step[0] == "reopen":
+                db.close()
+                db = SqliteDatabase(path, METERS, checkpoints=False)
+            elif step[0] == "replace":
+                _, c, start, length = step
+                t0, t1 = HOUR0 + start, HOUR0 + start + length
+                keep = [t for t in range(t0, t1 + 1, 7_000_000)]
+                db.replace_power(Circuit(c, "10.0.0.1", "10.0.0.2"), t0, t1,
+                                 _power(c, keep, [42.0] * len(keep)))
+            else:
+                db.rollup_step(2e9, settle_s=0)
+            _check_settled_rollups_match_the_rows(db)
+        while db.rollup_step(2e9, settle_s=0):
+            pass
+        assert not db.conn.execute("SELECT count(*) FROM power_dirty").fetchone()[0]
+        _check_settled_rollups_match_the_rows(db)
+    finally:
+        db.close()
