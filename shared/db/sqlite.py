@@ -195,10 +195,6 @@ class SqliteDatabase:
         self._migrate()
         self.meter_ids = self._meters(meters)
         self.circuit_ids: dict[tuple[str, str, str], int] = {}
-        # each circuit's newest stored point (time, watts), or None: the rollups of points
-        # that come after it are added as they are written (_roll_power)
-        self._power_newest: dict[int, tuple[int, float] | None] = {}
-        self._power_staged: dict[int, tuple[int, float] | None] = {}
         if checkpoints:
             self._checkpointer = threading.Thread(target=self._checkpoint_loop, daemon=True,
                                                   name="checkpoint")
@@ -369,16 +365,16 @@ class SqliteDatabase:
             return
         names = ("circuit_id", "ts_us", "watts", "volts", "amps")
         ids = self._circuit_ids(cols)
-        values = (ids, *(cols[k] for k in names[1:]))
-        self._insert("power", names, values, upsert=("circuit_id", "ts_us"))
-        self._add_total("power_writes", len(cols["ts_us"]))
         cid = np.asarray(ids, np.int64)
         ts = np.asarray(cols["ts_us"], np.int64)
         watts = np.asarray(cols["watts"], np.float64)
         dirty: set[tuple[int, int]] = set()
-        for c in np.unique(cid).tolist():
+        for c in np.unique(cid).tolist():  # (before the insert: it reads the points there)
             at = np.flatnonzero(cid == c)
             self._roll_power(c, ts[at], watts[at], dirty)
+        values = (ids, *(cols[k] for k in names[1:]))
+        self._insert("power", names, values, upsert=("circuit_id", "ts_us"))
+        self._add_total("power_writes", len(cols["ts_us"]))
         if dirty:
             now = time.time()
             self.conn.executemany(
@@ -387,49 +383,66 @@ class SqliteDatabase:
                 [(c, t, now) for c, t in sorted(dirty)])
 
     def _roll_power(self, c: int, ts: np.ndarray, watts: np.ndarray, dirty: set) -> None:
-        """The rollups of one circuit's points just written. Points that all come after the
-        circuit's newest stored one (the usual case) are added to their minutes' and hours'
-        rollups here, with the energy of the newest point's hold until the first of them:
-        the same figures ``power_minute`` computes from the stored points (a test compares
-        them). Any other points (late, written again, recomputed), and any minute that is
+        """Bring the rollups up to date with one circuit's new points, before they are
+        stored: each point's energy is its watts held until the next point (within
+        ENERGY_GAP_US), so new points change only their own minutes and the energy of the
+        stored points just before each of them. Read those (the stored points from the first
+        new one to the last, and one on each side), and add to each minute's and hour's
+        rollup the new points' count, sum, min, max and the energy's change: the figures
+        ``power_minute`` computes from the stored points afterwards (a test compares them).
+        A point that replaces a stored one (its min or max could be gone), and a minute
         waiting for its recompute, mark their minutes (and the minute before each: its last
         point's energy reaches into them) for the recompute from the stored points."""
-        newest = self._newest_point(c)
-        order = np.argsort(ts, kind="stable")  # equal times: the later row wins, as stored
+        order = np.argsort(ts, kind="stable")
         ts, watts = ts[order], watts[order]
-        if newest is None or ts[-1] >= newest[0]:
-            self._power_staged[c] = (int(ts[-1]), float(watts[-1]))
+        lo, hi = int(ts[0]), int(ts[-1])
+        near = self.conn.execute(
+            "SELECT * FROM (SELECT ts_us, watts FROM power WHERE circuit_id = ?1"
+            "  AND ts_us < ?2 ORDER BY ts_us DESC LIMIT 1)"
+            " UNION ALL SELECT ts_us, watts FROM power WHERE circuit_id = ?1"
+            "  AND ts_us BETWEEN ?2 AND ?3"
+            " UNION ALL SELECT * FROM (SELECT ts_us, watts FROM power WHERE circuit_id = ?1"
+            "  AND ts_us > ?3 ORDER BY ts_us LIMIT 1)", (c, lo, hi)).fetchall()
+        old_t = np.array([r[0] for r in near], np.int64)
+        old_w = np.array([r[1] for r in near], np.float64)
         minute = ts - ts % MINUTE_US
-        if (newest is not None and ts[0] <= newest[0]) or not (np.diff(ts) > 0).all():
+        if (np.diff(ts) == 0).any() or np.isin(ts, old_t).any():
             for m in set(minute.tolist()):
                 dirty.update(((c, m), (c, m - MINUTE_US)))
             return
+        all_t = np.concatenate((old_t, ts))
+        order = np.argsort(all_t)
+        all_t, all_w = all_t[order], np.concatenate((old_w, watts))[order]
+        held = _held_wh(all_t, all_w)
+        new_at = np.searchsorted(all_t, ts)
+        old_at = np.searchsorted(all_t, old_t)
+        changed = held[old_at] - _held_wh(old_t, old_w)  # the stored points' energy
         start = np.flatnonzero(np.concatenate(([True], minute[1:] != minute[:-1])))
-        gap = np.diff(ts)
-        wh = np.append(np.where(gap <= ENERGY_GAP_US, watts[:-1] * gap, 0.0) / 3.6e9, 0.0)
-        rows = list(zip(minute[start].tolist(), np.diff(np.append(start, len(ts))).tolist(),
-                        np.add.reduceat(watts, start).tolist(),
-                        np.minimum.reduceat(watts, start).tolist(),
-                        np.maximum.reduceat(watts, start).tolist(),
-                        np.add.reduceat(wh, start).tolist(), strict=True))
-        held = None  # (minute, Wh) of the newest stored point's hold until ts[0]
-        if newest is not None and ts[0] - newest[0] <= ENERGY_GAP_US:
-            held = (newest[0] - newest[0] % MINUTE_US,
-                    newest[1] * (int(ts[0]) - newest[0]) / 3.6e9)
-        lo = rows[0][0] if held is None else held[0]
+        rows = {m: [n, s, lo_w, hi_w, wh] for m, n, s, lo_w, hi_w, wh in zip(
+            minute[start].tolist(), np.diff(np.append(start, len(ts))).tolist(),
+            np.add.reduceat(watts, start).tolist(), np.minimum.reduceat(watts, start).tolist(),
+            np.maximum.reduceat(watts, start).tolist(),
+            np.add.reduceat(held[new_at], start).tolist(), strict=True)}
+        energy_only: dict[int, float] = {}
+        for t, d in zip(old_t[changed != 0].tolist(), changed[changed != 0].tolist(),
+                        strict=True):
+            m = t - t % MINUTE_US
+            if m in rows:
+                rows[m][4] += d
+            else:
+                energy_only[m] = energy_only.get(m, 0.0) + d
+        touched = [*rows, *energy_only]
         waiting = {t for (t,) in self.conn.execute(
             "SELECT t FROM power_dirty WHERE circuit_id = ? AND t BETWEEN ? AND ?",
-            (c, lo, rows[-1][0]))}
-        if held is not None:
-            if held[0] == rows[0][0]:
-                rows[0] = (*rows[0][:5], rows[0][5] + held[1])
-            elif held[0] in waiting or not self._add_wh(c, *held):
-                dirty.add((c, held[0]))
-        adds = [(c, *r) for r in rows if r[0] not in waiting]
-        dirty.update((c, r[0]) for r in rows if r[0] in waiting)
+            (c, min(touched), max(touched)))}
+        dirty.update((c, m) for m in touched if m in waiting)
+        adds = [(c, m, *r) for m, r in rows.items() if m not in waiting]
         self.conn.executemany(POWER_ROLLUP_ADD.format(table="power_1m"), adds)
         self.conn.executemany(POWER_ROLLUP_ADD.format(table="power_1h"),
-                              [(c, t - t % HOUR_US, *r) for c, t, *r in adds])
+                              [(c, m - m % HOUR_US, *r) for c, m, *r in adds])
+        for m, wh in energy_only.items():
+            if m not in waiting and not self._add_wh(c, m, wh):
+                dirty.add((c, m))
 
     def _add_wh(self, c: int, minute: int, wh: float) -> bool:
         """Add ``wh`` to a minute's rollup and its hour's; False if the minute has none."""
@@ -438,16 +451,6 @@ class SqliteDatabase:
             return False
         return bool(self.conn.execute("UPDATE power_1h SET wh = wh + ? WHERE circuit_id = ?"
                                       " AND t = ?", (wh, c, minute - minute % HOUR_US)).rowcount)
-
-    def _newest_point(self, c: int) -> tuple[int, float] | None:
-        """(time, watts) of the circuit's newest stored point, kept after the first read."""
-        for known in (self._power_staged, self._power_newest):
-            if c in known:
-                return known[c]
-        row = self.conn.execute("SELECT ts_us, watts FROM power WHERE circuit_id = ?"
-                                " ORDER BY ts_us DESC LIMIT 1", (c,)).fetchone()
-        self._power_staged[c] = None if row is None else (row[0], row[1])
-        return self._power_staged[c]
 
     def _write_progress(self, progress: dict[str, int]) -> None:
         for name, through in progress.items():
@@ -604,14 +607,12 @@ class SqliteDatabase:
     @contextlib.contextmanager
     def _transaction(self):
         self.conn.execute("BEGIN IMMEDIATE")
-        self._power_staged = {}  # newest points learnt in it: kept once it commits
         try:
             yield
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
         self.conn.execute("COMMIT")
-        self._power_newest.update(self._power_staged)
 
     def rollup_step(self, now_s: float, settle_s: float = 10.0, most: int = 50) -> int:
         """Per-minute and per-hour power rollups (n, sum, min, max of watts; energy in Wh:
@@ -720,8 +721,6 @@ class SqliteDatabase:
             gone = self.conn.execute("DELETE FROM power WHERE circuit_id = ? AND ts_us"
                                      " BETWEEN ? AND ?", (cid, t0_us, t1_us)).rowcount
             self.state["power_replaced"] = self.state.get("power_replaced", 0) + gone
-            self._power_staged.pop(cid, None)  # (it may be gone: read again)
-            self._power_newest.pop(cid, None)
             self._write_power(points)
 
     def free_bytes(self) -> int:
@@ -965,6 +964,15 @@ def _insert_sql(table: str, names: tuple[str, ...], rows: int, upsert: tuple[str
         sql += (f" ON CONFLICT ({', '.join(upsert)}) DO UPDATE SET "
                 + ", ".join(f"{n} = excluded.{n}" for n in rest))
     return sql
+
+
+def _held_wh(ts: np.ndarray, watts: np.ndarray) -> np.ndarray:
+    """Each point's energy (Wh) held until the next one of ``ts`` (sorted), unless that is
+    more than ENERGY_GAP_US away; the last one's: 0 (its next is not in ``ts``)."""
+    if not len(ts):
+        return np.empty(0, np.float64)
+    gap = np.diff(ts)
+    return np.append(np.where(gap <= ENERGY_GAP_US, watts[:-1] * gap, 0.0) / 3.6e9, 0.0)
 
 
 def _pylist(col) -> list:

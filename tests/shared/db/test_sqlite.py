@@ -214,22 +214,42 @@ def _check_settled_rollups_match_the_rows(db) -> None:
         assert got[4] == pytest.approx(sum(m[4] for m in mine), rel=1e-9, abs=1e-12)
 
 
+def rewrite(db, c: str, k: int, watts: float) -> None:
+    """The newest ``k`` points of circuit ``c`` written again with ``watts``."""
+    ts = [t for (t,) in db.conn.execute("SELECT ts_us FROM power_view WHERE circuit = ?"
+                                        " ORDER BY ts_us DESC LIMIT ?", (c, k))]
+    if ts:
+        db.write([PowerBatch(_power(c, ts, [watts] * len(ts)))])
+
+
 _step = st.one_of(
     # points after the newest: steps from 0.1 s to 8 s (some longer than the energy gap)
     st.tuples(st.just("append"), st.sampled_from(CIRCUITS),
               st.lists(st.integers(100_000, 8_000_000), min_size=1, max_size=30),
               st.floats(0, 5000)),
+    # a point just before a minute starts, then points from just after (its hold crosses)
+    st.tuples(st.just("edge"), st.sampled_from(CIRCUITS),
+              st.lists(st.integers(100_000, 8_000_000), min_size=1, max_size=5),
+              st.floats(0, 5000), st.integers(1, 4_000_000)),
     # points anywhere in the five minutes (late, or written again)
     st.tuples(st.just("anywhere"), st.sampled_from(CIRCUITS),
               st.lists(st.integers(0, 300_000_000), min_size=1, max_size=10),
               st.floats(0, 5000)),
+    # the newest points written again with other watts (a replaced point marks its minute)
+    st.tuples(st.just("rewrite"), st.sampled_from(CIRCUITS), st.integers(1, 5),
+              st.floats(0, 5000)),
     st.tuples(st.just("reopen")),
     st.tuples(st.just("replace"), st.sampled_from(CIRCUITS), st.integers(0, 300_000_000),
               st.integers(0, 60_000_000)),
-    st.tuples(st.just("rollup")))
+    st.tuples(st.just("rollup")),
+    # a rollup round that stores what it read before in-order points came (storage reads on
+    # a thread of its own, and its writer stores the result between two writes)
+    st.tuples(st.just("slow rollup"), st.sampled_from(CIRCUITS),
+              st.lists(st.integers(100_000, 3_000_000), min_size=1, max_size=5),
+              st.floats(0, 5000)))
 
 
-@settings(max_examples=40, deadline=None,
+@settings(max_examples=50, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(steps=st.lists(_step, min_size=1, max_size=25))
 def test_power_rollups_kept_while_writing_match_the_recompute(tmp_path_factory, steps):
@@ -242,9 +262,17 @@ def test_power_rollups_kept_while_writing_match_the_recompute(tmp_path_factory, 
     newest = {c: HOUR0 for c in CIRCUITS}
     try:
         for step in steps:
-            if step[0] == "append":
-                _, c, gaps, w = step
-                ts = (newest[c] + np.cumsum(gaps)).tolist()
+            if step[0] == "slow rollup":  # (after a rewrite: the newest minute waits)
+                rewrite(db, step[1], 1, 1.0)
+                read_at = time.time()
+                stale = [(c, t, db.power_minute(c, t)) for c, t in db.dirty_power_minutes(2e9)]
+            if step[0] in ("append", "edge", "slow rollup"):
+                _, c, gaps, w, *edge = step
+                first = newest[c]
+                if edge and step[0] == "edge":  # the first gap ends the newest point's hold after the minute starts
+                    first = first - first % 60_000_000 + 120_000_000 - edge[0]
+                    db.write([PowerBatch(_power(c, [first], [w]))])
+                ts = (first + np.cumsum(gaps)).tolist()
                 newest[c] = ts[-1]
                 db.write([PowerBatch(_power(c, ts, [w + k for k in range(len(ts))]))])
             elif step[0] == "anywhere":
@@ -252,6 +280,8 @@ def test_power_rollups_kept_while_writing_match_the_recompute(tmp_path_factory, 
                 ts = [HOUR0 + o for o in offsets]
                 newest[c] = max(newest[c], *ts)
                 db.write([PowerBatch(_power(c, ts, [w] * len(ts)))])
+            elif step[0] == "rewrite":
+                rewrite(db, *step[1:])
             elif step[0] == "reopen":
                 db.close()
                 db = SqliteDatabase(path, METERS, checkpoints=False)
@@ -261,8 +291,10 @@ def test_power_rollups_kept_while_writing_match_the_recompute(tmp_path_factory, 
                 keep = [t for t in range(t0, t1 + 1, 7_000_000)]
                 db.replace_power(Circuit(c, "10.0.0.1", "10.0.0.2"), t0, t1,
                                  _power(c, keep, [42.0] * len(keep)))
-            else:
+            elif step[0] == "rollup":
                 db.rollup_step(2e9, settle_s=0)
+            if step[0] == "slow rollup":
+                db.store_power_rollups(stale, read_at)
             _check_settled_rollups_match_the_rows(db)
         while db.rollup_step(2e9, settle_s=0):
             pass
