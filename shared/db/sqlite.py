@@ -365,7 +365,7 @@ class SqliteDatabase:
             return
         names = ("circuit_id", "ts_us", "watts", "volts", "amps")
         ids = self._circuit_ids(cols)
-        cid = np.asarray(ids, np.int64)
+        cid = ids
         ts = np.asarray(cols["ts_us"], np.int64)
         watts = np.asarray(cols["watts"], np.float64)
         dirty: set[tuple[int, int]] = set()
@@ -495,18 +495,25 @@ class SqliteDatabase:
                                       [values[i : i + step] for i in range(pos, end, step)])
                 pos = end
 
-    def _circuit_ids(self, cols) -> list[int]:
-        """Row ids of the batch's circuits (name, V meter, A meter), made on first sight."""
-        keys = list(zip(_pylist(cols["circuit"]), _pylist(cols["v_meter"]),
-                        _pylist(cols["a_meter"]), strict=True))
-        for key in set(keys) - self.circuit_ids.keys():
-            self.conn.execute("INSERT OR IGNORE INTO circuits (name, v_meter, a_meter)"
-                              " VALUES (?, ?, ?)", key)
-            self.circuit_ids[key] = self.conn.execute(
-                "SELECT id FROM circuits WHERE name = ? AND v_meter = ? AND a_meter = ?",
-                key).fetchone()[0]
-        ids = self.circuit_ids
-        return [ids[k] for k in keys]
+    def _circuit_ids(self, cols) -> np.ndarray:
+        """Row ids of the batch's circuits (name, V meter, A meter), made on first sight
+        (per distinct circuit of the batch, not per point)."""
+        parts = [np.unique(np.asarray(cols[k]), return_inverse=True)
+                 for k in ("circuit", "v_meter", "a_meter")]
+        (names, n), (vs, v), (as_, a) = ((u, inv.ravel().astype(np.int64)) for u, inv in parts)
+        combined, first, inverse = np.unique((n * len(vs) + v) * len(as_) + a,
+                                             return_index=True, return_inverse=True)
+        ids = np.empty(len(combined), np.int64)
+        for j, i in enumerate(first.tolist()):
+            key = tuple(_text(u[k[i]]) for u, k in ((names, n), (vs, v), (as_, a)))
+            if key not in self.circuit_ids:
+                self.conn.execute("INSERT OR IGNORE INTO circuits (name, v_meter, a_meter)"
+                                  " VALUES (?, ?, ?)", key)
+                self.circuit_ids[key] = self.conn.execute(
+                    "SELECT id FROM circuits WHERE name = ? AND v_meter = ? AND a_meter = ?",
+                    key).fetchone()[0]
+            ids[j] = self.circuit_ids[key]
+        return ids[inverse.ravel()]
 
     # ---- upkeep --------------------------------------------------------------------------
 
@@ -709,8 +716,8 @@ class SqliteDatabase:
         """The power of ``circuit`` in [t0, t1] becomes exactly ``points`` (a recompute after
         a change of circuits or of max_time_diff: stale points go)."""
         with self._transaction():
-            cid = self._circuit_ids({"circuit": [circuit.name], "v_meter": [circuit.voltage],
-                                     "a_meter": [circuit.current]})[0]
+            cid = int(self._circuit_ids({"circuit": [circuit.name], "v_meter": [circuit.voltage],
+                                         "a_meter": [circuit.current]})[0])
             self.conn.execute(  # the minutes that had points (and the minute before each:
                 # its last point's energy reaches into them): their rollups change too
                 "INSERT INTO power_dirty (circuit_id, t, touched) SELECT DISTINCT circuit_id,"
@@ -975,12 +982,8 @@ def _held_wh(ts: np.ndarray, watts: np.ndarray) -> np.ndarray:
     return np.append(np.where(gap <= ENERGY_GAP_US, watts[:-1] * gap, 0.0) / 3.6e9, 0.0)
 
 
-def _pylist(col) -> list:
-    if isinstance(col, np.ndarray):
-        if col.dtype.kind == "S":
-            return [b.decode() for b in col.tolist()]
-        return col.tolist()
-    return list(col)
+def _text(x) -> str:
+    return x.decode() if isinstance(x, bytes | np.bytes_) else str(x)
 
 
 def _columns(rows: list[tuple], names: tuple[str, ...], dtypes: tuple) -> dict[str, np.ndarray]:
