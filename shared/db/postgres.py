@@ -1075,7 +1075,8 @@ class PostgresDatabase:
         out = {}
         for name in circuits:
             row = self._reader().execute(
-                "SELECT coalesce(sum(CASE WHEN nxt - ts_us <= %s THEN " + _WATTS_NOT_TINY + " * (nxt - ts_us)"
+                "SELECT coalesce(sum(CASE WHEN nxt - ts_us <= %s THEN "
+                + _WATTS_NOT_TINY + " * (nxt - ts_us)"
                 " END), 0) / 3.6e9::float8"
                 " FROM (SELECT ts_us, watts, LEAD(ts_us) OVER (PARTITION BY circuit_id"
                 "       ORDER BY ts_us) AS nxt FROM power WHERE circuit_id = ANY(ARRAY("

@@ -269,7 +269,7 @@ def test_power_rollups_kept_while_writing_match_the_recompute(tmp_path_factory, 
             if step[0] in ("append", "edge", "slow rollup"):
                 _, c, gaps, w, *edge = step
                 first = newest[c]
-                if edge and step[0] == "edge":  # the first gap ends the newest point's hold after the minute starts
+                if edge and step[0] == "edge":  # the newest point's hold crosses a minute
                     first = first - first % 60_000_000 + 120_000_000 - edge[0]
                     db.write([PowerBatch(_power(c, [first], [w]))])
                 ts = (first + np.cumsum(gaps)).tolist()
