@@ -458,7 +458,7 @@ def latency(stack: Stack, conns: int, rate_total: float, seconds: float) -> dict
         if len(inside) > 1 and inside[-1][0] > inside[0][0]:
             flow_s = t1 - t0
             fps = (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
-    wait_for(lambda: all_through(stack, readings_before + lines), 60,
+    wait_for(lambda: all_through(stack, readings_before + lines), 600,  # (a slow stack: late)
              lambda: f"latency phase stored: {stack.describe()} power: "
                      f"{stack.stats().get('power')}")
     ms = np.concatenate(lat) * 1000 if lat else np.zeros(1)
