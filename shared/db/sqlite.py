@@ -162,6 +162,7 @@ ON CONFLICT (meter_id, t) DO UPDATE SET n = n + excluded.n, sum = sum + excluded
 
 
 class SqliteDatabase:
+    near_rows_per_point = 16  # power rollups: see _roll_power
     def __init__(self, path: str, meters: tuple[Meter, ...] | list[Meter] = (),
                  circuits: tuple[Circuit, ...] | list[Circuit] = (),
                  retention: Retention | None = None, wal_max_mb: float = 64,
@@ -284,10 +285,11 @@ class SqliteDatabase:
                     b.drop_resent(self._lines_seen)
                 self._write_readings(raws)
                 self._write_rejected([r for b in raws for r in b.rejected])
-                for b, ok in zip(batches, fresh, strict=True):
-                    if ok and isinstance(b, PowerBatch):
-                        self._write_power(b.points)
-                        self._write_progress(b.progress)
+                powers = [b for b, ok in zip(batches, fresh, strict=True)
+                          if ok and isinstance(b, PowerBatch)]
+                self._write_power([b.points for b in powers])
+                for b in powers:
+                    self._write_progress(b.progress)
         except sqlite3.OperationalError as exc:
             if _is_full(exc):
                 raise DiskFull(str(exc)) from exc
@@ -360,21 +362,25 @@ class SqliteDatabase:
         for reason, n in reasons.items():
             self._add_total(f"rejected.{reason}", n)
 
-    def _write_power(self, cols: dict) -> None:
-        if not len(cols["ts_us"]):
+    def _write_power(self, batches: list[dict]) -> None:
+        """Power batches' points (a point at a circuit and time already stored replaces it;
+        the later of two in the batches wins), with their rollups (``_roll_power``)."""
+        batches = [cols for cols in batches if len(cols["ts_us"])]
+        if not batches:
             return
         names = ("circuit_id", "ts_us", "watts", "volts", "amps")
-        ids = self._circuit_ids(cols)
-        cid = ids
-        ts = np.asarray(cols["ts_us"], np.int64)
-        watts = np.asarray(cols["watts"], np.float64)
+        ids = [self._circuit_ids(cols) for cols in batches]
+        cid = np.concatenate(ids)
+        ts = np.concatenate([np.asarray(cols["ts_us"], np.int64) for cols in batches])
+        watts = np.concatenate([np.asarray(cols["watts"], np.float64) for cols in batches])
         dirty: set[tuple[int, int]] = set()
         for c in np.unique(cid).tolist():  # (before the insert: it reads the points there)
             at = np.flatnonzero(cid == c)
             self._roll_power(c, ts[at], watts[at], dirty)
-        values = (ids, *(cols[k] for k in names[1:]))
-        self._insert("power", names, values, upsert=("circuit_id", "ts_us"))
-        self._add_total("power_writes", len(cols["ts_us"]))
+        for cols, circuit_ids in zip(batches, ids, strict=True):
+            self._insert("power", names, (circuit_ids, *(cols[k] for k in names[1:])),
+                         upsert=("circuit_id", "ts_us"))
+        self._add_total("power_writes", len(ts))
         if dirty:
             now = time.time()
             self.conn.executemany(
@@ -383,66 +389,86 @@ class SqliteDatabase:
                 [(c, t, now) for c, t in sorted(dirty)])
 
     def _roll_power(self, c: int, ts: np.ndarray, watts: np.ndarray, dirty: set) -> None:
-        """Bring the rollups up to date with one circuit's new points, before they are
-        stored: each point's energy is its watts held until the next point (within
-        ENERGY_GAP_US), so new points change only their own minutes and the energy of the
-        stored points just before each of them. Read those (the stored points from the first
-        new one to the last, and one on each side), and add to each minute's and hour's
-        rollup the new points' count, sum, min, max and the energy's change: the figures
-        ``power_minute`` computes from the stored points afterwards (a test compares them).
-        A point that replaces a stored one (its min or max could be gone), and a minute
-        waiting for its recompute, mark their minutes (and the minute before each: its last
-        point's energy reaches into them) for the recompute from the stored points."""
-        order = np.argsort(ts, kind="stable")
+        """Bring one circuit's rollups up to date with its points about to be written. Each
+        point's energy is its watts held until the next point (within ENERGY_GAP_US), so the
+        points change only their own minutes and the energy of the stored points just before
+        them. Read the stored points from the first new time to the last (at most
+        ``near_rows_per_point`` per point) and one on each side; add to each minute's and
+        hour's rollup the new points' count, the change of sum, the new min and max, and the
+        change of energy: the figures ``power_minute`` computes from the stored points
+        afterwards (a test compares them). Marked for that recompute instead (with the
+        minute before each, when the read would be too long): a minute waiting for it, and
+        one where a replaced point's old watts may have been its min or max."""
+        order = np.argsort(ts, kind="stable")  # equal times: the later point wins
         ts, watts = ts[order], watts[order]
+        keep = np.append(ts[1:] != ts[:-1], True)
+        ts, watts = ts[keep], watts[keep]
         lo, hi = int(ts[0]), int(ts[-1])
+        most = self.near_rows_per_point * len(ts)
         near = self.conn.execute(
             "SELECT * FROM (SELECT ts_us, watts FROM power WHERE circuit_id = ?1"
             "  AND ts_us < ?2 ORDER BY ts_us DESC LIMIT 1)"
-            " UNION ALL SELECT ts_us, watts FROM power WHERE circuit_id = ?1"
-            "  AND ts_us BETWEEN ?2 AND ?3"
             " UNION ALL SELECT * FROM (SELECT ts_us, watts FROM power WHERE circuit_id = ?1"
-            "  AND ts_us > ?3 ORDER BY ts_us LIMIT 1)", (c, lo, hi)).fetchall()
-        old_t = np.array([r[0] for r in near], np.int64)
-        old_w = np.array([r[1] for r in near], np.float64)
+            "  AND ts_us BETWEEN ?2 AND ?3 ORDER BY ts_us LIMIT ?4)"
+            " UNION ALL SELECT * FROM (SELECT ts_us, watts FROM power WHERE circuit_id = ?1"
+            "  AND ts_us > ?3 ORDER BY ts_us LIMIT 1)", (c, lo, hi, most + 1)).fetchall()
         minute = ts - ts % MINUTE_US
-        if (np.diff(ts) == 0).any() or np.isin(ts, old_t).any():
+        if len(near) > most:
             for m in set(minute.tolist()):
                 dirty.update(((c, m), (c, m - MINUTE_US)))
             return
-        all_t = np.concatenate((old_t, ts))
-        order = np.argsort(all_t)
-        all_t, all_w = all_t[order], np.concatenate((old_w, watts))[order]
+        old_t = np.array([r[0] for r in near], np.int64)
+        old_w = np.array([r[1] for r in near], np.float64)
+        all_t = np.union1d(old_t, ts)
+        old_at, new_at = np.searchsorted(all_t, old_t), np.searchsorted(all_t, ts)
+        all_w = np.empty(len(all_t))
+        all_w[old_at] = old_w
+        all_w[new_at] = watts
         held = _held_wh(all_t, all_w)
-        new_at = np.searchsorted(all_t, ts)
-        old_at = np.searchsorted(all_t, old_t)
         changed = held[old_at] - _held_wh(old_t, old_w)  # the stored points' energy
-        start = np.flatnonzero(np.concatenate(([True], minute[1:] != minute[:-1])))
-        rows = {m: [n, s, lo_w, hi_w, wh] for m, n, s, lo_w, hi_w, wh in zip(
-            minute[start].tolist(), np.diff(np.append(start, len(ts))).tolist(),
-            np.add.reduceat(watts, start).tolist(), np.minimum.reduceat(watts, start).tolist(),
-            np.maximum.reduceat(watts, start).tolist(),
-            np.add.reduceat(held[new_at], start).tolist(), strict=True)}
-        energy_only: dict[int, float] = {}
-        for t, d in zip(old_t[changed != 0].tolist(), changed[changed != 0].tolist(),
-                        strict=True):
-            m = t - t % MINUTE_US
-            if m in rows:
-                rows[m][4] += d
-            else:
-                energy_only[m] = energy_only.get(m, 0.0) + d
-        touched = [*rows, *energy_only]
+        at_old = np.minimum(np.searchsorted(old_t, ts), max(len(old_t) - 1, 0))
+        replaced = (old_t[at_old] == ts) if len(old_t) else np.zeros(len(ts), bool)
+        was = np.where(replaced, old_w[at_old] if len(old_t) else 0.0, 0.0)
+        old_minute = old_t - old_t % MINUTE_US
+        keys = np.unique(np.concatenate((minute, old_minute[changed != 0])))
+        k_new = np.searchsorted(keys, minute)
+        k_old = np.searchsorted(keys, old_minute[changed != 0])
+        size = len(keys)
+        n = np.bincount(k_new, weights=~replaced, minlength=size).astype(np.int64)
+        total = np.bincount(k_new, weights=watts - was, minlength=size)
+        wh = (np.bincount(k_new, weights=np.where(replaced, 0.0, held[new_at]), minlength=size)
+              + np.bincount(k_old, weights=changed[changed != 0], minlength=size))
+        low, high = np.full(size, np.inf), np.full(size, -np.inf)
+        np.minimum.at(low, k_new, watts)
+        np.maximum.at(high, k_new, watts)
+        has_new = np.bincount(k_new, minlength=size) > 0
+        first, last = int(keys[0]), int(keys[-1])
         waiting = {t for (t,) in self.conn.execute(
             "SELECT t FROM power_dirty WHERE circuit_id = ? AND t BETWEEN ? AND ?",
-            (c, min(touched), max(touched)))}
-        dirty.update((c, m) for m in touched if m in waiting)
-        adds = [(c, m, *r) for m, r in rows.items() if m not in waiting]
+            (c, first, last))}
+        unsure = set()  # minutes where a replaced point's old watts may be the min or max
+        if replaced.any():
+            stored = {t: (a, b) for t, a, b in self.conn.execute(
+                "SELECT t, min, max FROM power_1m WHERE circuit_id = ? AND t BETWEEN ? AND ?",
+                (c, first, last))}
+            for m, old, new in zip(minute[replaced].tolist(), was[replaced].tolist(),
+                                   watts[replaced].tolist(), strict=True):
+                lo_w, hi_w = stored.get(m, (old, old))
+                if m not in stored or not ((old > lo_w or new <= old)
+                                           and (old < hi_w or new >= old)):
+                    unsure.add(m)
+        adds = []
+        for j, m in enumerate(keys.tolist()):
+            if m in waiting or m in unsure:
+                dirty.add((c, m))
+            elif has_new[j]:
+                adds.append((c, m, int(n[j]), float(total[j]), float(low[j]),
+                             float(high[j]), float(wh[j])))
+            elif not self._add_wh(c, m, float(wh[j])):
+                dirty.add((c, m))
         self.conn.executemany(POWER_ROLLUP_ADD.format(table="power_1m"), adds)
         self.conn.executemany(POWER_ROLLUP_ADD.format(table="power_1h"),
                               [(c, m - m % HOUR_US, *r) for c, m, *r in adds])
-        for m, wh in energy_only.items():
-            if m not in waiting and not self._add_wh(c, m, wh):
-                dirty.add((c, m))
 
     def _add_wh(self, c: int, minute: int, wh: float) -> bool:
         """Add ``wh`` to a minute's rollup and its hour's; False if the minute has none."""
@@ -728,7 +754,7 @@ class SqliteDatabase:
             gone = self.conn.execute("DELETE FROM power WHERE circuit_id = ? AND ts_us"
                                      " BETWEEN ? AND ?", (cid, t0_us, t1_us)).rowcount
             self.state["power_replaced"] = self.state.get("power_replaced", 0) + gone
-            self._write_power(points)
+            self._write_power([points])
 
     def free_bytes(self) -> int:
         st = os.statvfs(self.dir)

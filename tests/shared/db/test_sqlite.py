@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from services.storage.writer import Writer
@@ -233,7 +233,8 @@ _step = st.one_of(
               st.floats(0, 5000), st.integers(1, 4_000_000)),
     # points anywhere in the five minutes (late, or written again)
     st.tuples(st.just("anywhere"), st.sampled_from(CIRCUITS),
-              st.lists(st.integers(0, 300_000_000), min_size=1, max_size=10),
+              st.lists(st.integers(0, 300_000_000).map(lambda x: x - x % 250_000),
+                       min_size=1, max_size=10),
               st.floats(0, 5000)),
     # the newest points written again with other watts (a replaced point marks its minute)
     st.tuples(st.just("rewrite"), st.sampled_from(CIRCUITS), st.integers(1, 5),
@@ -251,14 +252,20 @@ _step = st.one_of(
 
 @settings(max_examples=50, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(steps=st.lists(_step, min_size=1, max_size=25))
-def test_power_rollups_kept_while_writing_match_the_recompute(tmp_path_factory, steps):
+@given(steps=st.lists(_step, min_size=1, max_size=25), near=st.sampled_from([1, 16]))
+# too many stored points between new ones (a minute starts 30 s after HOUR0): the minutes go
+# to the recompute, with the minute before (the point 2 s before holds until a new point)
+@example(steps=[("anywhere", "main", [28_000_000, 30_750_000, 33_000_000], 100.0),
+                ("anywhere", "main", [30_500_000, 31_000_000], 200.0)], near=1)
+def test_power_rollups_kept_while_writing_match_the_recompute(tmp_path_factory, steps, near):
     """The rollups storage adds as points arrive in order (``_roll_power``) against the plain
     definition, ``power_minute`` over the stored points, after any mix of in-order, late and
     rewritten points, recomputes (``replace_power``), restarts and rollup rounds; at the end,
-    once every minute is recomputed, everything matches."""
+    once every minute is recomputed, everything matches. ``near``: stored points read per
+    new one at most (1: often too few, and the minutes go to the recompute)."""
     path = str(tmp_path_factory.mktemp("roll") / "w.db")
     db = SqliteDatabase(path, METERS, checkpoints=False)
+    db.near_rows_per_point = near
     newest = {c: HOUR0 for c in CIRCUITS}
     try:
         for step in steps:
@@ -277,14 +284,15 @@ def test_power_rollups_kept_while_writing_match_the_recompute(tmp_path_factory, 
                 db.write([PowerBatch(_power(c, ts, [w + k for k in range(len(ts))]))])
             elif step[0] == "anywhere":
                 _, c, offsets, w = step
-                ts = [HOUR0 + o for o in offsets]
+                ts = [HOUR0 + o for o in offsets]  # (a time twice: the later point wins)
                 newest[c] = max(newest[c], *ts)
-                db.write([PowerBatch(_power(c, ts, [w] * len(ts)))])
+                db.write([PowerBatch(_power(c, ts, [w + k for k in range(len(ts))]))])
             elif step[0] == "rewrite":
                 rewrite(db, *step[1:])
             elif step[0] == "reopen":
                 db.close()
                 db = SqliteDatabase(path, METERS, checkpoints=False)
+                db.near_rows_per_point = near
             elif step[0] == "replace":
                 _, c, start, length = step
                 t0, t1 = HOUR0 + start, HOUR0 + start + length
