@@ -162,7 +162,10 @@ ON CONFLICT (meter_id, t) DO UPDATE SET n = n + excluded.n, sum = sum + excluded
 
 
 class SqliteDatabase:
-    near_rows_per_point = 16  # power rollups: see _roll_power
+    # power rollups (_write_power, _roll_power): a circuit's points further apart than
+    # run_gap_us are rolled up and written apart; stored points read per new one at most
+    run_gap_us = 250_000
+    near_rows_per_point = 16
     def __init__(self, path: str, meters: tuple[Meter, ...] | list[Meter] = (),
                  circuits: tuple[Circuit, ...] | list[Circuit] = (),
                  retention: Retention | None = None, wal_max_mb: float = 64,
@@ -364,22 +367,29 @@ class SqliteDatabase:
 
     def _write_power(self, batches: list[dict]) -> None:
         """Power batches' points (a point at a circuit and time already stored replaces it;
-        the later of two in the batches wins), with their rollups (``_roll_power``)."""
+        of two in the batches, the later), with their rollups: per circuit, in runs of
+        points less than ``run_gap_us`` apart, each run's rollups (``_roll_power``: it
+        reads the stored points around the run) and then its rows, so that a run sees the
+        ones before it (a meter that lags behind its circuit's other one makes a run of
+        its own, apart from the newest points)."""
         batches = [cols for cols in batches if len(cols["ts_us"])]
         if not batches:
             return
-        names = ("circuit_id", "ts_us", "watts", "volts", "amps")
-        ids = [self._circuit_ids(cols) for cols in batches]
-        cid = np.concatenate(ids)
-        ts = np.concatenate([np.asarray(cols["ts_us"], np.int64) for cols in batches])
-        watts = np.concatenate([np.asarray(cols["watts"], np.float64) for cols in batches])
+        cid = np.concatenate([self._circuit_ids(cols) for cols in batches])
+        ts, watts, volts, amps = (
+            np.concatenate([np.asarray(cols[k], dtype) for cols in batches])
+            for k, dtype in (("ts_us", np.int64), ("watts", np.float64),
+                             ("volts", np.float64), ("amps", np.float64)))
         dirty: set[tuple[int, int]] = set()
-        for c in np.unique(cid).tolist():  # (before the insert: it reads the points there)
+        for c in np.unique(cid).tolist():
             at = np.flatnonzero(cid == c)
-            self._roll_power(c, ts[at], watts[at], dirty)
-        for cols, circuit_ids in zip(batches, ids, strict=True):
-            self._insert("power", names, (circuit_ids, *(cols[k] for k in names[1:])),
-                         upsert=("circuit_id", "ts_us"))
+            at = at[np.argsort(ts[at], kind="stable")]
+            at = at[np.append(ts[at][1:] != ts[at][:-1], True)]  # equal times: the later
+            for run in np.split(at, np.flatnonzero(np.diff(ts[at]) > self.run_gap_us) + 1):
+                self._roll_power(c, ts[run], watts[run], dirty)
+                self._insert("power", ("circuit_id", "ts_us", "watts", "volts", "amps"),
+                             (np.full(len(run), c), ts[run], watts[run], volts[run],
+                              amps[run]), upsert=("circuit_id", "ts_us"))
         self._add_total("power_writes", len(ts))
         if dirty:
             now = time.time()
@@ -389,20 +399,17 @@ class SqliteDatabase:
                 [(c, t, now) for c, t in sorted(dirty)])
 
     def _roll_power(self, c: int, ts: np.ndarray, watts: np.ndarray, dirty: set) -> None:
-        """Bring one circuit's rollups up to date with its points about to be written. Each
-        point's energy is its watts held until the next point (within ENERGY_GAP_US), so the
-        points change only their own minutes and the energy of the stored points just before
-        them. Read the stored points from the first new time to the last (at most
-        ``near_rows_per_point`` per point) and one on each side; add to each minute's and
-        hour's rollup the new points' count, the change of sum, the new min and max, and the
-        change of energy: the figures ``power_minute`` computes from the stored points
-        afterwards (a test compares them). Marked for that recompute instead (with the
-        minute before each, when the read would be too long): a minute waiting for it, and
-        one where a replaced point's old watts may have been its min or max."""
-        order = np.argsort(ts, kind="stable")  # equal times: the later point wins
-        ts, watts = ts[order], watts[order]
-        keep = np.append(ts[1:] != ts[:-1], True)
-        ts, watts = ts[keep], watts[keep]
+        """Bring one circuit's rollups up to date with a run of its points (times sorted,
+        distinct) about to be written. Each point's energy is its watts held until the next
+        point (within ENERGY_GAP_US), so the points change only their own minutes and the
+        energy of the stored points just before them. Read the stored points from the
+        run's first time to its last (at most ``near_rows_per_point`` per point) and one on
+        each side; add to each minute's and hour's rollup the new points' count, the change
+        of sum, the new min and max, and the change of energy: the figures ``power_minute``
+        computes from the stored points afterwards (a test compares them). Marked for that
+        recompute instead (with the minute before each, when the read would be too long): a
+        minute waiting for it, and one where a replaced point's old watts may have been its
+        min or max."""
         lo, hi = int(ts[0]), int(ts[-1])
         most = self.near_rows_per_point * len(ts)
         near = self.conn.execute(

@@ -252,17 +252,21 @@ _step = st.one_of(
 
 @settings(max_examples=50, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(steps=st.lists(_step, min_size=1, max_size=25), near=st.sampled_from([1, 16]))
+@given(steps=st.lists(_step, min_size=1, max_size=25), near=st.sampled_from([1, 16]),
+       run_gap=st.sampled_from([0, 250_000, 2**62]))
 # too many stored points between new ones (a minute starts 30 s after HOUR0): the minutes go
 # to the recompute, with the minute before (the point 2 s before holds until a new point)
 @example(steps=[("anywhere", "main", [28_000_000, 30_750_000, 33_000_000], 100.0),
-                ("anywhere", "main", [30_500_000, 31_000_000], 200.0)], near=1)
-def test_power_rollups_kept_while_writing_match_the_recompute(tmp_path_factory, steps, near):
+                ("anywhere", "main", [30_500_000, 31_000_000], 200.0)], near=1,
+         run_gap=2**62)
+def test_power_rollups_kept_while_writing_match_the_recompute(tmp_path_factory, steps, near,
+                                                             run_gap):
     """The rollups storage adds as points arrive in order (``_roll_power``) against the plain
     definition, ``power_minute`` over the stored points, after any mix of in-order, late and
     rewritten points, recomputes (``replace_power``), restarts and rollup rounds; at the end,
     once every minute is recomputed, everything matches. ``near``: stored points read per
-    new one at most (1: often too few, and the minutes go to the recompute)."""
+    new one at most (1: often too few, and the minutes go to the recompute); ``run_gap``:
+    points further apart are rolled up apart (0: each point alone)."""
     path = str(tmp_path_factory.mktemp("roll") / "w.db")
     db = SqliteDatabase(path, METERS, checkpoints=False)
     db.near_rows_per_point = near
@@ -292,7 +296,7 @@ def test_power_rollups_kept_while_writing_match_the_recompute(tmp_path_factory, 
             elif step[0] == "reopen":
                 db.close()
                 db = SqliteDatabase(path, METERS, checkpoints=False)
-                db.near_rows_per_point = near
+                db.near_rows_per_point, db.run_gap_us = near, run_gap
             elif step[0] == "replace":
                 _, c, start, length = step
                 t0, t1 = HOUR0 + start, HOUR0 + start + length
