@@ -6,9 +6,10 @@ Series. A range is cut into buckets of a "nice" step (0.5 s, 5 s, 2 min, ...) al
 so two requests with the same step line up bucket for bucket (the page fetches a window once,
 then only its tail). Steps under a minute aggregate the stored rows in the database
 (``buckets``); steps of whole minutes combine the per-minute rollups, and for power the minutes
-not rolled up yet (the recent ones: a minute is rolled up once it has been left alone 10 s)
-from the rows. Each bucket says whether a gap precedes it: its first point lies more than
-``GAP_US`` after the previous bucket's last one (the gap energy is not counted across).
+not rolled up yet (on SQLite, minutes waiting for a recompute; on PostgreSQL, the recent
+ones: a minute is rolled up once it has been left alone 10 s) from the rows. Each bucket
+says whether a gap precedes it: its first point lies more than ``GAP_US`` after the previous
+bucket's last one (the gap energy is not counted across).
 
 Energy. A circuit's power is held from each point to the next point, unless that is more than
 ``GAP_US`` away (then nothing until the next point); the energy of ``[a, b)`` is the integral

@@ -228,9 +228,11 @@ class Storage:
 
 
 class Rollups:
-    """Power rollups (shared/db: minutes written to, then left alone a while, recomputed from
-    the stored points) on a thread of their own: the reading, which may take a while for a busy
-    minute, never holds up the writer; the writer stores the result between two writes."""
+    """The recompute of power rollups (shared/db: minutes marked for it, then left alone a
+    while, recomputed from the stored points; on SQLite only the minutes its writes could not
+    keep up to date, on PostgreSQL all) on a thread of its own: the reading, which may take a
+    while for a busy minute, never holds up the writer; the writer stores the result between
+    two writes."""
 
     SETTLE_S = 10.0
     EVERY_S = 1.0

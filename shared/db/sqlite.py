@@ -657,9 +657,10 @@ class SqliteDatabase:
     def rollup_step(self, now_s: float, settle_s: float = 10.0, most: int = 50) -> int:
         """Per-minute and per-hour power rollups (n, sum, min, max of watts; energy in Wh:
         each point's watts held until the next point, unless that is more than ENERGY_GAP_US
-        away) for minutes written to and then left alone for ``settle_s``, recomputed from
-        the stored points (so late or corrected points count). Returns minutes done. Storage
-        runs the reading part on a thread of its own and hands the writing to its writer."""
+        away) for minutes marked for it (``_roll_power`` keeps the others up to date) and then
+        left alone for ``settle_s``, recomputed from the stored points. Returns minutes done.
+        Storage runs the reading part on a thread of its own and hands the writing to its
+        writer."""
         read_at = time.time()
         rows = [(cid, t, self.power_minute(cid, t))
                 for cid, t in self.dirty_power_minutes(now_s - settle_s, most)]
