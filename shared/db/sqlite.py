@@ -166,6 +166,7 @@ class SqliteDatabase:
     # run_gap_us are rolled up and written apart; stored points read per new one at most
     run_gap_us = 250_000
     near_rows_per_point = 16
+
     def __init__(self, path: str, meters: tuple[Meter, ...] | list[Meter] = (),
                  circuits: tuple[Circuit, ...] | list[Circuit] = (),
                  retention: Retention | None = None, wal_max_mb: float = 64,
