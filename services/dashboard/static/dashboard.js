@@ -27,6 +27,7 @@ function prefixFor(magnitude) {
 
 function si(value, unit, digits = 3) {
   if (value === null || value === undefined || !isFinite(value)) return "–";
+  value = Number(value.toPrecision(digits)); // 9.9999999 Wh shows as 10.0 Wh, as 10.0000001 does
   const [f, p] = prefixFor(Math.abs(value));
   const x = value / f;
   const decimals = Math.max(0, digits - 1 - Math.floor(Math.log10(Math.max(Math.abs(x), 1))));
