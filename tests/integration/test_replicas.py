@@ -54,12 +54,17 @@ def test_two_ingest_three_storage_replicas_exactly_once(make_stack, database):
     victim = next(n for n in ("storage", "storage-2", "storage-3")
                   if stack.procs[n].pid == writers(stack)[victim_src]["pid"])
     stack.kill(victim)
+    # the feeder waits while the replicas change (lines still in flight), so that it is not
+    # done before the ingest part below however long the takeover takes on a loaded machine
+    feeder.pause()
     wait_for(lambda: writers(stack) and victim_src not in writers(stack), 30,
              "a standby to take over (SQLite), the victim gone from the writers")
     stack.start("storage-4")  # a replica added mid-stream: reporting before the half-way mark
     wait_for(lambda: any(s["pid"] == stack.procs["storage-4"].pid and s["gauges"].get("role")
                          for s in stack.instances().values()), 60,
              "the added replica reporting with its role")
+    assert feeder.progress() < 0.5, feeder.progress()
+    feeder.resume()
 
     # an ingest replica stopped (kill -9) with unacked batches: storage held, lines sent to
     # both replicas, the feeder paused so nothing is on its way, then the kill; the other
