@@ -11,6 +11,8 @@ import signal
 import subprocess
 from collections import Counter
 
+import pytest
+
 from tests.integration.lines import Feeder
 from tests.integration.stack import wait_for
 from tests.pg import BOTH_BACKENDS
@@ -30,6 +32,7 @@ def writers(stack) -> dict[str, dict]:
 
 
 @BOTH_BACKENDS
+@pytest.mark.timeout(420)  # its own waits add up to more than the suite's 120 s
 def test_two_ingest_three_storage_replicas_exactly_once(make_stack, database):
     every_replica_writes = database is not None  # PostgreSQL
     stack = make_stack()
