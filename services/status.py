@@ -86,6 +86,9 @@ def render(latest: dict[str, dict], silent: dict[str, dict]) -> str:
     for src, s in sorted(latest.items()):  # alive but not doing its job: said apart, in words
         if s.get("gauges", {}).get("paused"):
             lines.append(f"! {src}: {s['gauges']['paused']}")
+        if s.get("busy_s"):
+            lines.append(f"! {src}: busy: its main loop has not come round for {s['busy_s']} s "
+                         f"(a long catch-up or read; hung if this keeps growing)")
     return "\n".join(lines)
 
 

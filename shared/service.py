@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 # exit code of a service that cannot start for a reason a restart will not mend (a port taken,
 # a folder it may not write): `wattflow up` stops instead of restarting it (sysexits EX_CONFIG)
 EXIT_CANNOT_START = 78
+BUSY_AFTER_INTERVALS = 2.0  # a main loop not come round for this many stats intervals is busy
 
 
 class CannotStart(Exception):
@@ -112,8 +113,12 @@ class Runtime:
         self.counters: Counter[str] = Counter()
         self.gauges: dict[str, Any] = {}
         self._sockets: list[Publisher | Pusher | Subscriber] = []
-        self._stats_pub: Publisher | None = None
         self._next_tick = 0.0
+        self._loop_at = time.monotonic()  # when the main loop last called tick()
+        self._subscribed: list[str] = []  # as the main loop last saw it
+        self._stats_thread: threading.Thread | None = None
+        self._stats_stop = threading.Event()
+        self._stats_pub: Publisher | None = None  # the stats thread's own socket
         self._started = time.time()
         self.restarts = int(os.environ.get("WATTFLOW_RESTARTS", "0") or 0)  # from `wattflow up`
         self.problem: str | None = None  # alive but not doing its job, and why
@@ -136,8 +141,6 @@ class Runtime:
         pub = Publisher(self.ctx, self.cfg.bus["publish"], self.src, self.cfg.bus["hwm"],
                         cfg=self.cfg)
         self._sockets.append(pub)
-        if self._stats_pub is None:
-            self._stats_pub = pub
         return pub
 
     def subscriber(self, wanted: list[bytes]) -> Subscriber:
@@ -162,7 +165,12 @@ class Runtime:
         return pull
 
     def tick(self) -> None:
-        """Call often from the main loop: at most once per interval, heartbeat and stats."""
+        """Call often from the main loop. At most once per interval: the heartbeat file (it
+        says the main loop comes round) and the topics subscribed. The first call starts the
+        stats thread, which sends this process's stats every interval on a socket of its own,
+        so a main loop busy for a while (a long catch-up or read) is reported busy, with for
+        how long, rather than silent."""
+        self._loop_at = time.monotonic()
         now = time.time()
         if now < self._next_tick:
             return
@@ -170,18 +178,36 @@ class Runtime:
         tmp = self.heartbeat_file.with_name(f".{self.heartbeat_file.name}.{os.getpid()}.tmp")
         tmp.write_text(self.problem or "")  # `wattflow health` says what is wrong, if anything
         tmp.replace(self.heartbeat_file)
-        stats_pub = self._stats_pub or self.publisher()  # a service that only listens reports too
-        stats_pub.send(topics.STATS, self.stats(now), block=False)
-
-    def stats(self, now: float | None = None) -> dict[str, Any]:
-        subs = [s for s in self._sockets if isinstance(s, Subscriber)]
-        gaps, repeats = sum(s.gaps for s in subs), sum(s.repeats for s in subs)
         subscribed: set[bytes] = set()
-        for pub in self._sockets:
+        for pub in self._sockets:  # (sockets are not shared between threads: read them here)
             if isinstance(pub, Publisher):
                 pub.poll_subscriptions()
                 subscribed |= pub.subscribed
-        return {
+        # topics someone listens to (through the broker): who downstream is connected
+        self._subscribed = sorted(t.decode(errors="replace") for t in subscribed)
+        if self._stats_thread is None:
+            self._stats_pub = Publisher(self.ctx, self.cfg.bus["publish"], self.src,
+                                        self.cfg.bus["hwm"], cfg=self.cfg)
+            self._stats_thread = threading.Thread(target=self._send_stats, name="stats",
+                                                  daemon=True)
+            self._stats_thread.start()
+
+    def _send_stats(self) -> None:
+        interval = self.cfg.runtime["stats_interval_s"]
+        while True:
+            try:
+                self._stats_pub.send(topics.STATS, self.stats(), block=False)
+            except Exception:  # never let the reports stop; say why, once a while
+                log.exception("stats not sent")
+            if self._stats_stop.wait(interval):
+                return
+
+    def stats(self, now: float | None = None) -> dict[str, Any]:
+        """This process's report. Safe from the stats thread while the main loop runs: it
+        copies what the main loop changes and touches none of the main loop's sockets."""
+        subs = [s for s in list(self._sockets) if isinstance(s, Subscriber)]
+        gaps, repeats = sum(s.gaps for s in subs), sum(s.repeats for s in subs)
+        report = {
             "service": self.name,
             "id": self.src,
             "pid": os.getpid(),
@@ -189,15 +215,42 @@ class Runtime:
             "restarts": self.restarts,
             "counters": dict(self.counters, gaps=gaps, repeats=repeats,
                              bad_messages=sum(s.bad for s in subs)),
-            "gauges": self.gauges,
-            # topics someone listens to (through the broker): who downstream is connected
-            "subscribed": sorted(t.decode(errors="replace") for t in subscribed),
+            "gauges": _copy(self.gauges),
+            "subscribed": self._subscribed,
         }
+        busy = time.monotonic() - self._loop_at
+        if busy > BUSY_AFTER_INTERVALS * self.cfg.runtime["stats_interval_s"]:
+            report["busy_s"] = round(busy, 1)  # the main loop has not come round for this long
+        return report
 
     def close(self) -> None:
+        self._stats_stop.set()
+        if self._stats_thread is not None:
+            self._stats_thread.join()
+        self._loop_at = time.monotonic()
         if self._stats_pub is not None:  # the last stats: this instance stops in order
             self._stats_pub.send(topics.STATS, dict(self.stats(), stopped=True), block=False)
+            self._stats_pub.close()
         for sock in self._sockets:
             sock.close()
         self.ctx.term()
         self.heartbeat_file.unlink(missing_ok=True)
+
+
+def _copy(value: Any) -> Any:
+    """A copy of nested dicts and lists another thread may change meanwhile (tried again when
+    a dict changed size while being copied)."""
+    for _ in range(100):
+        try:
+            return _copied(value)
+        except RuntimeError:  # "dictionary changed size during iteration"
+            continue
+    return {"stats": "gauges changing too fast to copy"}
+
+
+def _copied(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in list(value.items())}
+    if isinstance(value, (list, tuple)):
+        return [_copied(v) for v in list(value)]
+    return value
