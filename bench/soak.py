@@ -82,15 +82,20 @@ def soak(tmp: Path, minutes: float, rate: float, wal_max_mb: float = 64, conns: 
         wal = Path(str(db) + "-wal")
         while load.poll() is None:
             time.sleep(SAMPLE_S)
-            gauges = stack.stats().get("ingest", {}).get("gauges", {})
+            stats = stack.stats()
+            gauges = stats.get("ingest", {}).get("gauges", {})
             sample = {"t": round(time.time() - started, 1),
                       "rss_mb": {n: round(rss_mb(p.pid), 1) for n, p in stack.procs.items()},
                       "wal_mb": round(file_mb(wal), 1), "db_mb": round(file_mb(db), 1),
-                      "unacked_lines": gauges.get("unacked_lines", 0)}
+                      "unacked_lines": gauges.get("unacked_lines", 0),
+                      # power's minutes: rollups kept in the write, or recomputed (and why)
+                      "rollups": {k: v for k, v in stats.get("storage", {}).get("gauges", {})
+                                  .items() if k.startswith("rollup")}}
             samples.append(sample)
             say(f"  {sample['t']:>7.0f} s  wal {sample['wal_mb']:>6} MB  db "
                 f"{sample['db_mb']:>8} MB  unacked {sample['unacked_lines']:>7}  RSS MB "
-                + " ".join(f"{n} {v}" for n, v in sample["rss_mb"].items()))
+                + " ".join(f"{n} {v}" for n, v in sample["rss_mb"].items())
+                + "  " + " ".join(f"{k}={v}" for k, v in sample["rollups"].items()))
         sent = json.loads(load.communicate(timeout=60)[0])
         wait_for(lambda: stack.settled(sent["lines"]), 600,
                  lambda: f"{sent['lines']} lines settled: {stack.describe()}", step=0.5)

@@ -422,7 +422,9 @@ class SqliteDatabase:
             "  AND ts_us > ?3 ORDER BY ts_us LIMIT 1)", (c, lo, hi, most + 1)).fetchall()
         minute = ts - ts % MINUTE_US
         if len(near) > most:
-            for m in set(minute.tolist()):
+            marked = set(minute.tolist())
+            self._count("rollup_recompute.too_many_near", len(marked))
+            for m in marked:
                 dirty.update(((c, m), (c, m - MINUTE_US)))
             return
         old_t = np.array([r[0] for r in near], np.int64)
@@ -468,15 +470,23 @@ class SqliteDatabase:
         adds = []
         for j, m in enumerate(keys.tolist()):
             if m in waiting or m in unsure:
+                self._count("rollup_recompute." + ("waiting" if m in waiting else "min_max"))
                 dirty.add((c, m))
             elif has_new[j]:
                 adds.append((c, m, int(n[j]), float(total[j]), float(low[j]),
                              float(high[j]), float(wh[j])))
             elif not self._add_wh(c, m, float(wh[j])):
+                self._count("rollup_recompute.energy_only")
                 dirty.add((c, m))
+        self._count("rollup_kept", len(adds))
         self.conn.executemany(POWER_ROLLUP_ADD.format(table="power_1m"), adds)
         self.conn.executemany(POWER_ROLLUP_ADD.format(table="power_1h"),
                               [(c, m - m % HOUR_US, *r) for c, m, *r in adds])
+
+    def _count(self, what: str, n: int = 1) -> None:
+        """Minutes' rollups kept in the write (``rollup_kept``) and marked for the recompute
+        (``rollup_recompute.<why>``), shown among storage's gauges."""
+        self.state[what] = self.state.get(what, 0) + n
 
     def _add_wh(self, c: int, minute: int, wh: float) -> bool:
         """Add ``wh`` to a minute's rollup and its hour's; False if the minute has none."""
@@ -753,13 +763,14 @@ class SqliteDatabase:
         with self._transaction():
             cid = int(self._circuit_ids({"circuit": [circuit.name], "v_meter": [circuit.voltage],
                                          "a_meter": [circuit.current]})[0])
-            self.conn.execute(  # the minutes that had points (and the minute before each:
-                # its last point's energy reaches into them): their rollups change too
+            marked = self.conn.execute(  # the minutes that had points (and the minute
+                # before each: its last point's energy reaches into them): rollups change too
                 "INSERT INTO power_dirty (circuit_id, t, touched) SELECT DISTINCT circuit_id,"
                 " ts_us - ts_us % ? - d, ? FROM power, (SELECT 0 AS d UNION ALL SELECT ?)"
                 " WHERE circuit_id = ? AND ts_us BETWEEN ? AND ?"
                 " ON CONFLICT DO UPDATE SET touched = excluded.touched",
-                (MINUTE_US, time.time(), MINUTE_US, cid, t0_us, t1_us))
+                (MINUTE_US, time.time(), MINUTE_US, cid, t0_us, t1_us)).rowcount
+            self._count("rollup_recompute.replace_power", max(marked, 0))
             gone = self.conn.execute("DELETE FROM power WHERE circuit_id = ? AND ts_us"
                                      " BETWEEN ? AND ?", (cid, t0_us, t1_us)).rowcount
             self.state["power_replaced"] = self.state.get("power_replaced", 0) + gone
