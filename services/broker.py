@@ -51,7 +51,7 @@ def run(cfg: Config) -> int:
         gate = auth.start_authenticator(rt.ctx, cfg, rt.counters)  # before anyone can connect
         for key, _, role in BOUND:
             bind(sockets[key], cfg, key, role)
-        rt.publisher()  # our stats go through the bus too: a missing client key shows now
+        rt.publisher()  # a missing client key shows now, not at the first stats
     except (CannotStart, auth.KeyProblem):
         for sock in sockets.values():
             sock.close(linger=0)
@@ -163,9 +163,10 @@ def _start_proxy(rt: Runtime, front: zmq.Socket, back: zmq.Socket, name: str,
 class Roster:
     """Every service instance that reports on ``stats``, and when it last did: published in the
     broker's own stats (gauge ``members``), so a one-shot ``wattflow status`` can name a replica
-    that stopped reporting (killed, hung) and not only the ones it hears. An instance that
-    stopped in order says so in its last stats and leaves the roster; one that just went quiet
-    (killed, hung, cut off) is named for two minutes."""
+    that stopped reporting (killed, frozen, cut off) and not only the ones it hears. An
+    instance that stopped in order says so in its last stats and leaves the roster; one that
+    just went quiet is named for two minutes. (Stats come from a thread of their own: a
+    process whose main loop hangs keeps reporting, with ``busy_s``, and is not quiet.)"""
 
     FORGET_S = 120.0
 

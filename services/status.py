@@ -56,7 +56,8 @@ def shares(latest: dict[str, dict]) -> dict[str, float]:
 
 def silent_instances(cfg: Config, latest: dict[str, dict]) -> dict[str, dict]:
     """Instances the broker has heard from (its roster) that did not report lately: killed,
-    hung, or cut off. (One that stopped in order left the roster.)"""
+    frozen (SIGSTOP), or cut off. (One that stopped in order left the roster; one whose main
+    loop hangs still reports, with ``busy_s``: see ``busy``.)"""
     roster = next((s.get("gauges", {}).get("members", {}) for s in latest.values()
                    if s.get("service") == "broker"), {})
     quiet = 3 * cfg.runtime["stats_interval_s"]
@@ -92,6 +93,11 @@ def render(latest: dict[str, dict], silent: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def busy(latest: dict[str, dict]) -> dict[str, float]:
+    """Instances whose main loop has not come round lately, and for how long (s)."""
+    return {src: s["busy_s"] for src, s in latest.items() if s.get("busy_s")}
+
+
 def missing(latest: dict[str, dict]) -> list[str]:
     present = {s.get("service") for s in latest.values()}
     return [name for name in EXPECTED if name not in present]
@@ -108,7 +114,7 @@ def status(cfg: Config, as_json: bool, wait_s: float | None, watch: bool,
         quiet = silent_instances(cfg, latest)
         if as_json:
             print(json.dumps({"services": latest, "silent": absent, "silent_instances": quiet,
-                              "shares": shares(latest)}))
+                              "busy": busy(latest), "shares": shares(latest)}))
         else:
             if watch:
                 print("\033[2J\033[H", end="")

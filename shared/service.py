@@ -196,6 +196,7 @@ class Runtime:
         interval = self.cfg.runtime["stats_interval_s"]
         while True:
             try:
+                self._stats_pub.poll_subscriptions()  # (its own: so they do not pile up)
                 self._stats_pub.send(topics.STATS, self.stats(), block=False)
             except Exception:  # never let the reports stop; say why, once a while
                 log.exception("stats not sent")

@@ -123,10 +123,11 @@ class Power:
     def heard(self, msg) -> None:
         data = msg.data if isinstance(msg.data, dict) else {}
         if data.get("service") == "power" and msg.src != self.rt.src:
+            quiet = PEER_SILENT_S * self.rt.cfg.runtime["stats_interval_s"]
             if data.get("stopped"):
                 self.peers.pop(msg.src, None)
-            else:
-                self.peers[msg.src] = time.monotonic()
+            elif data.get("busy_s", 0) < quiet:  # (one busy that long counts as gone: a hung
+                self.peers[msg.src] = time.monotonic()  # replica's circuits move on)
 
     def rebalance(self) -> None:
         """Take the circuits rendezvous hashing gives this replica among the live ones; a
@@ -401,7 +402,7 @@ def run(cfg: Config) -> int:
             rt.tick()
         end = time.monotonic() + 5  # what is on its way, and acks for what was sent
         while time.monotonic() < end and (power.step(100) or power.outbox.entries):
-            pass
+            rt.tick()  # (stopping in order, not busy)
     finally:
         rt.close()
     log.info("power stopped: %d points published", rt.counters["power_published"])

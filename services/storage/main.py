@@ -313,7 +313,7 @@ def run(cfg: Config) -> int:
             rt.tick()
         # finish what is already on its way: until the bus is quiet and all is committed
         while storage.step(DRAIN_QUIET_MS) or storage.writer.in_flight:
-            pass
+            rt.tick()  # (stopping in order, not busy)
     finally:
         try:
             storage.close()
