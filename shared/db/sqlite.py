@@ -387,10 +387,7 @@ class SqliteDatabase:
             at = at[np.argsort(ts[at], kind="stable")]
             at = at[np.append(ts[at][1:] != ts[at][:-1], True)]  # equal times: the later
             for run in np.split(at, np.flatnonzero(np.diff(ts[at]) > self.run_gap_us) + 1):
-                self._roll_power(c, ts[run], watts[run], dirty)
-                self._insert("power", ("circuit_id", "ts_us", "watts", "volts", "amps"),
-                             (np.full(len(run), c), ts[run], watts[run], volts[run],
-                              amps[run]), upsert=("circuit_id", "ts_us"))
+                self._write_run(c, ts[run], watts[run], volts[run], amps[run], dirty)
         self._add_total("power_writes", len(ts))
         if dirty:
             now = time.time()
@@ -399,7 +396,26 @@ class SqliteDatabase:
                 " ON CONFLICT DO UPDATE SET touched = excluded.touched",
                 [(c, t, now) for c, t in sorted(dirty)])
 
-    def _roll_power(self, c: int, ts: np.ndarray, watts: np.ndarray, dirty: set) -> None:
+    def _write_run(self, c: int, ts: np.ndarray, watts: np.ndarray, volts: np.ndarray,
+                   amps: np.ndarray, dirty: set) -> None:
+        """One run of a circuit's points (times sorted, distinct): rollups, then the rows. A
+        run with too many stored points among its own (a few new points spread over many
+        stored ones, as late work writes them) goes in halves, down to single points (whose
+        read is at most three rows)."""
+        extremes = self._roll_power(c, ts, watts, dirty)
+        if extremes is None:
+            self._count("rollup_runs_halved")
+            half = len(ts) // 2
+            for part in (slice(0, half), slice(half, None)):
+                self._write_run(c, ts[part], watts[part], volts[part], amps[part], dirty)
+            return
+        self._insert("power", ("circuit_id", "ts_us", "watts", "volts", "amps"),
+                     (np.full(len(ts), c), ts, watts, volts, amps),
+                     upsert=("circuit_id", "ts_us"))
+        self._refresh_extremes(c, extremes)
+
+    def _roll_power(self, c: int, ts: np.ndarray, watts: np.ndarray,
+                    dirty: set) -> set[int] | None:
         """Bring one circuit's rollups up to date with a run of its points (times sorted,
         distinct) about to be written. Each point's energy is its watts held until the next
         point (within ENERGY_GAP_US), so the points change only their own minutes and the
@@ -408,9 +424,10 @@ class SqliteDatabase:
         each side; add to each minute's and hour's rollup the new points' count, the change
         of sum, the new min and max, and the change of energy: the figures ``power_minute``
         computes from the stored points afterwards (a test compares them). Marked for that
-        recompute instead (with the minute before each, when the read would be too long): a
-        minute waiting for it, and one where a replaced point's old watts may have been its
-        min or max."""
+        recompute instead: a minute waiting for it. Returned: the minutes where a replaced
+        point's old watts may have been the min or max (``_refresh_extremes`` reads them again
+        once written); None (nothing done) when more than ``near_rows_per_point`` stored
+        points per new one lie between the run's first and last time."""
         lo, hi = int(ts[0]), int(ts[-1])
         most = self.near_rows_per_point * len(ts)
         near = self.conn.execute(
@@ -420,13 +437,9 @@ class SqliteDatabase:
             "  AND ts_us BETWEEN ?2 AND ?3 ORDER BY ts_us LIMIT ?4)"
             " UNION ALL SELECT * FROM (SELECT ts_us, watts FROM power WHERE circuit_id = ?1"
             "  AND ts_us > ?3 ORDER BY ts_us LIMIT 1)", (c, lo, hi, most + 1)).fetchall()
+        if len(ts) > 1 and sum(lo <= t <= hi for t, _ in near) > most:
+            return None
         minute = ts - ts % MINUTE_US
-        if len(near) > most:
-            marked = set(minute.tolist())
-            self._count("rollup_recompute.too_many_near", len(marked))
-            for m in marked:
-                dirty.update(((c, m), (c, m - MINUTE_US)))
-            return
         old_t = np.array([r[0] for r in near], np.int64)
         old_w = np.array([r[1] for r in near], np.float64)
         all_t = np.union1d(old_t, ts)
@@ -457,6 +470,7 @@ class SqliteDatabase:
             "SELECT t FROM power_dirty WHERE circuit_id = ? AND t BETWEEN ? AND ?",
             (c, first, last))}
         unsure = set()  # minutes where a replaced point's old watts may be the min or max
+        unknown = set()  # minutes with points replaced but no rollup (not expected: recompute)
         if replaced.any():
             stored = {t: (a, b) for t, a, b in self.conn.execute(
                 "SELECT t, min, max FROM power_1m WHERE circuit_id = ? AND t BETWEEN ? AND ?",
@@ -464,13 +478,14 @@ class SqliteDatabase:
             for m, old, new in zip(minute[replaced].tolist(), was[replaced].tolist(),
                                    watts[replaced].tolist(), strict=True):
                 lo_w, hi_w = stored.get(m, (old, old))
-                if m not in stored or not ((old > lo_w or new <= old)
-                                           and (old < hi_w or new >= old)):
+                if m not in stored:
+                    unknown.add(m)
+                elif not ((old > lo_w or new <= old) and (old < hi_w or new >= old)):
                     unsure.add(m)
         adds = []
         for j, m in enumerate(keys.tolist()):
-            if m in waiting or m in unsure:
-                self._count("rollup_recompute." + ("waiting" if m in waiting else "min_max"))
+            if m in waiting or m in unknown:
+                self._count("rollup_recompute." + ("waiting" if m in waiting else "no_rollup"))
                 dirty.add((c, m))
             elif has_new[j]:
                 adds.append((c, m, int(n[j]), float(total[j]), float(low[j]),
@@ -482,6 +497,25 @@ class SqliteDatabase:
         self.conn.executemany(POWER_ROLLUP_ADD.format(table="power_1m"), adds)
         self.conn.executemany(POWER_ROLLUP_ADD.format(table="power_1h"),
                               [(c, m - m % HOUR_US, *r) for c, m, *r in adds])
+        return unsure - waiting
+
+    def _refresh_extremes(self, c: int, minutes: set[int]) -> None:
+        """Min and max of these minutes read again from their stored points (a replaced
+        point was perhaps the extreme), and of their hours from the hours' minutes: an
+        aggregate over one minute's points, far cheaper than the recompute's window."""
+        if not minutes:
+            return
+        self._count("rollup_extremes_read", len(minutes))
+        for m in sorted(minutes):
+            self.conn.execute(
+                "UPDATE power_1m SET (min, max) = (SELECT min(watts), max(watts) FROM power"
+                " WHERE circuit_id = ?1 AND ts_us >= ?2 AND ts_us < ?2 + ?3)"
+                " WHERE circuit_id = ?1 AND t = ?2", (c, m, MINUTE_US))
+        for h in sorted({m - m % HOUR_US for m in minutes}):
+            self.conn.execute(
+                "UPDATE power_1h SET (min, max) = (SELECT min(min), max(max) FROM power_1m"
+                " WHERE circuit_id = ?1 AND t >= ?2 AND t < ?2 + ?3)"
+                " WHERE circuit_id = ?1 AND t = ?2", (c, h, HOUR_US))
 
     def _count(self, what: str, n: int = 1) -> None:
         """Minutes' rollups kept in the write (``rollup_kept``) and marked for the recompute

@@ -192,7 +192,7 @@ def _rollup_rows(db, table: str) -> dict[tuple[int, int], tuple]:
 def _check_settled_rollups_match_the_rows(db) -> None:
     """Every minute not waiting for its recompute has the rollup ``power_minute`` computes
     from the stored points (none if it has no points); every hour without such a minute is
-    its minutes' sum."""
+    its minutes' sum (min and max: theirs)."""
     waiting = set(db.conn.execute("SELECT circuit_id, t FROM power_dirty"))
     minutes = _rollup_rows(db, "power_1m")
     with_points = set(db.conn.execute(
@@ -212,6 +212,7 @@ def _check_settled_rollups_match_the_rows(db) -> None:
         assert got[0] == sum(m[0] for m in mine)
         assert got[1] == pytest.approx(sum(m[1] for m in mine), rel=1e-9)
         assert got[4] == pytest.approx(sum(m[4] for m in mine), rel=1e-9, abs=1e-12)
+        assert (got[2], got[3]) == (min(m[2] for m in mine), max(m[3] for m in mine)), (c, h)
 
 
 def rewrite(db, c: str, k: int, watts: float) -> None:
@@ -254,8 +255,8 @@ _step = st.one_of(
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(steps=st.lists(_step, min_size=1, max_size=25), near=st.sampled_from([1, 16]),
        run_gap=st.sampled_from([0, 250_000, 2**62]))
-# too many stored points between new ones (a minute starts 30 s after HOUR0): the minutes go
-# to the recompute, with the minute before (the point 2 s before holds until a new point)
+# too many stored points between new ones (a minute starts 30 s after HOUR0): the run goes in
+# halves, down to single points (the point 2 s before holds into the next minute)
 @example(steps=[("anywhere", "main", [28_000_000, 30_750_000, 33_000_000], 100.0),
                 ("anywhere", "main", [30_500_000, 31_000_000], 200.0)], near=1,
          run_gap=2**62)
@@ -265,11 +266,11 @@ def test_power_rollups_kept_while_writing_match_the_recompute(tmp_path_factory, 
     definition, ``power_minute`` over the stored points, after any mix of in-order, late and
     rewritten points, recomputes (``replace_power``), restarts and rollup rounds; at the end,
     once every minute is recomputed, everything matches. ``near``: stored points read per
-    new one at most (1: often too few, and the minutes go to the recompute); ``run_gap``:
-    points further apart are rolled up apart (0: each point alone)."""
+    new one at most (1: often too few, and the run goes in halves); ``run_gap``: points
+    further apart are rolled up apart (0: each point alone)."""
     path = str(tmp_path_factory.mktemp("roll") / "w.db")
     db = SqliteDatabase(path, METERS, checkpoints=False)
-    db.near_rows_per_point = near
+    db.near_rows_per_point, db.run_gap_us = near, run_gap
     newest = {c: HOUR0 for c in CIRCUITS}
     try:
         for step in steps:
@@ -310,6 +311,28 @@ def test_power_rollups_kept_while_writing_match_the_recompute(tmp_path_factory, 
             _check_settled_rollups_match_the_rows(db)
         while db.rollup_step(2e9, settle_s=0):
             pass
+        assert not db.conn.execute("SELECT count(*) FROM power_dirty").fetchone()[0]
+        _check_settled_rollups_match_the_rows(db)
+    finally:
+        db.close()
+
+
+def test_late_points_spread_over_many_stored_ones_keep_the_rollups_without_a_recompute(tmp_path):
+    """Late points 200 ms apart among 100 stored points each (late work under a backlog), and
+    a minute's only minimum replaced: the run goes in halves and the minute's min and max are
+    read again, so no minute waits for the recompute and every rollup matches
+    ``power_minute``."""
+    db = SqliteDatabase(str(tmp_path / "w.db"), METERS, checkpoints=False)
+    try:
+        ts = [HOUR0 + k * 2_000 for k in range(60_000)]  # 2 ms apart: two minutes
+        watts = [100.0 + k % 7 for k in range(len(ts))]
+        watts[14] = 10.0  # the first minute's only minimum
+        db.write([PowerBatch(_power("main", ts, watts))])
+        db.write([PowerBatch(_power("main", [HOUR0 + 3_000 + k * 200_000 for k in range(50)],
+                                    [50.0 + k for k in range(50)]))])
+        assert db.state.get("rollup_runs_halved", 0) > 0
+        db.write([PowerBatch(_power("main", [ts[14]], [99.0]))])
+        assert db.state.get("rollup_extremes_read", 0) == 1
         assert not db.conn.execute("SELECT count(*) FROM power_dirty").fetchone()[0]
         _check_settled_rollups_match_the_rows(db)
     finally:
