@@ -166,6 +166,14 @@ class SqliteDatabase:
     # run_gap_us are rolled up and written apart; stored points read per new one at most
     run_gap_us = 250_000
     near_rows_per_point = 16
+    near_rows_min = 4096  # (a run may read this many whatever its size)
+    # a run with too many stored points among its own goes in halves while it has more points
+    # than this; then its minutes go to the recompute
+    halve_down_to = 8
+    # a minute's min and max read again in the write at most this often (per process), then it
+    # goes to the recompute: under a trend every rewrite of the newest point replaces the
+    # extreme, and each read scans the minute
+    extremes_reads_per_minute = 4
 
     def __init__(self, path: str, meters: tuple[Meter, ...] | list[Meter] = (),
                  circuits: tuple[Circuit, ...] | list[Circuit] = (),
@@ -179,6 +187,7 @@ class SqliteDatabase:
         self.retention = retention or Retention()
         self.wal_max = int(wal_max_mb * (1 << 20))
         self.busy_timeout_s = busy_timeout_s
+        self._extremes_reads: dict[tuple[int, int], int] = {}  # (circuit, minute) -> reads
         self.state: dict[str, Any] = {"checkpoint_failing": None, "wal_restarts": 0,
                                       "wal_restart_busy": 0, "retention_deleted": 0}
         self._readers = threading.local()
@@ -400,9 +409,9 @@ class SqliteDatabase:
                    amps: np.ndarray, dirty: set) -> None:
         """One run of a circuit's points (times sorted, distinct): rollups, then the rows. A
         run with too many stored points among its own (a few new points spread over many
-        stored ones, as late work writes them) goes in halves, down to single points (whose
-        read is at most three rows)."""
-        extremes = self._roll_power(c, ts, watts, dirty)
+        stored ones, as late work writes them) goes in halves, down to ``halve_down_to``
+        points; a run that small with still too many goes to the recompute."""
+        extremes = self._roll_power(c, ts, watts, dirty, len(ts) > self.halve_down_to)
         if extremes is None:
             self._count("rollup_runs_halved")
             half = len(ts) // 2
@@ -414,8 +423,8 @@ class SqliteDatabase:
                      upsert=("circuit_id", "ts_us"))
         self._refresh_extremes(c, extremes)
 
-    def _roll_power(self, c: int, ts: np.ndarray, watts: np.ndarray,
-                    dirty: set) -> set[int] | None:
+    def _roll_power(self, c: int, ts: np.ndarray, watts: np.ndarray, dirty: set,
+                    may_halve: bool = False) -> set[int] | None:
         """Bring one circuit's rollups up to date with a run of its points (times sorted,
         distinct) about to be written. Each point's energy is its watts held until the next
         point (within ENERGY_GAP_US), so the points change only their own minutes and the
@@ -424,12 +433,13 @@ class SqliteDatabase:
         each side; add to each minute's and hour's rollup the new points' count, the change
         of sum, the new min and max, and the change of energy: the figures ``power_minute``
         computes from the stored points afterwards (a test compares them). Marked for that
-        recompute instead: a minute waiting for it. Returned: the minutes where a replaced
-        point's old watts may have been the min or max (``_refresh_extremes`` reads them again
-        once written); None (nothing done) when more than ``near_rows_per_point`` stored
-        points per new one lie between the run's first and last time."""
+        recompute instead: a minute waiting for it, and (with the minute before each) every
+        minute of a run with more stored points between its first and last time than
+        ``near_rows_per_point`` per new one (at least ``near_rows_min``), unless ``may_halve``:
+        then None (nothing done). Returned: the minutes where a replaced point's old watts may
+        have been the min or max (``_refresh_extremes`` reads them again once written)."""
         lo, hi = int(ts[0]), int(ts[-1])
-        most = self.near_rows_per_point * len(ts)
+        most = max(self.near_rows_per_point * len(ts), self.near_rows_min)
         near = self.conn.execute(
             "SELECT * FROM (SELECT ts_us, watts FROM power WHERE circuit_id = ?1"
             "  AND ts_us < ?2 ORDER BY ts_us DESC LIMIT 1)"
@@ -437,9 +447,15 @@ class SqliteDatabase:
             "  AND ts_us BETWEEN ?2 AND ?3 ORDER BY ts_us LIMIT ?4)"
             " UNION ALL SELECT * FROM (SELECT ts_us, watts FROM power WHERE circuit_id = ?1"
             "  AND ts_us > ?3 ORDER BY ts_us LIMIT 1)", (c, lo, hi, most + 1)).fetchall()
-        if len(ts) > 1 and sum(lo <= t <= hi for t, _ in near) > most:
-            return None
         minute = ts - ts % MINUTE_US
+        if len(near) > most and sum(lo <= t <= hi for t, _ in near) > most:
+            if may_halve:
+                return None
+            marked = set(minute.tolist())
+            self._count("rollup_recompute.too_many_near", len(marked))
+            for m in marked:
+                dirty.update(((c, m), (c, m - MINUTE_US)))
+            return set()
         old_t = np.array([r[0] for r in near], np.int64)
         old_w = np.array([r[1] for r in near], np.float64)
         all_t = np.union1d(old_t, ts)
@@ -497,7 +513,18 @@ class SqliteDatabase:
         self.conn.executemany(POWER_ROLLUP_ADD.format(table="power_1m"), adds)
         self.conn.executemany(POWER_ROLLUP_ADD.format(table="power_1h"),
                               [(c, m - m % HOUR_US, *r) for c, m, *r in adds])
-        return unsure - waiting
+        extremes = set()
+        for m in sorted(unsure - waiting):
+            reads = self._extremes_reads.get((c, m), 0)
+            if reads >= self.extremes_reads_per_minute:
+                self._count("rollup_recompute.min_max")
+                dirty.add((c, m))
+            else:
+                self._extremes_reads[(c, m)] = reads + 1
+                extremes.add(m)
+        if len(self._extremes_reads) > 100_000:  # (a budget, not a record: forget old ones)
+            self._extremes_reads.clear()
+        return extremes
 
     def _refresh_extremes(self, c: int, minutes: set[int]) -> None:
         """Min and max of these minutes read again from their stored points (a replaced

@@ -254,23 +254,36 @@ _step = st.one_of(
 @settings(max_examples=50, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(steps=st.lists(_step, min_size=1, max_size=25), near=st.sampled_from([1, 16]),
-       run_gap=st.sampled_from([0, 250_000, 2**62]))
+       run_gap=st.sampled_from([0, 250_000, 2**62]), halve_down_to=st.sampled_from([1, 3]),
+       extremes_reads=st.sampled_from([0, 1, 100]))
 # too many stored points between new ones (a minute starts 30 s after HOUR0): the run goes in
 # halves, down to single points (the point 2 s before holds into the next minute)
 @example(steps=[("anywhere", "main", [28_000_000, 30_750_000, 33_000_000], 100.0),
                 ("anywhere", "main", [30_500_000, 31_000_000], 200.0)], near=1,
-         run_gap=2**62)
+         run_gap=2**62, halve_down_to=1, extremes_reads=100)
+@example(steps=[("anywhere", "main", [28_000_000, 30_750_000, 30_800_000, 30_900_000,
+                                      33_000_000], 100.0),
+                ("anywhere", "main", [30_500_000, 31_000_000], 200.0)], near=1,
+         run_gap=2**62, halve_down_to=3, extremes_reads=0)
 def test_power_rollups_kept_while_writing_match_the_recompute(tmp_path_factory, steps, near,
-                                                             run_gap):
+                                                             run_gap, halve_down_to,
+                                                             extremes_reads):
     """The rollups storage adds as points arrive in order (``_roll_power``) against the plain
     definition, ``power_minute`` over the stored points, after any mix of in-order, late and
     rewritten points, recomputes (``replace_power``), restarts and rollup rounds; at the end,
     once every minute is recomputed, everything matches. ``near``: stored points read per
-    new one at most (1: often too few, and the run goes in halves); ``run_gap``: points
-    further apart are rolled up apart (0: each point alone)."""
+    new one at most (1: often too few, and the run goes in halves, down to
+    ``halve_down_to`` points, then to the recompute); ``run_gap``: points further apart are
+    rolled up apart (0: each point alone); ``extremes_reads``: a minute's min and max read
+    again in the write at most this often, then it goes to the recompute."""
     path = str(tmp_path_factory.mktemp("roll") / "w.db")
     db = SqliteDatabase(path, METERS, checkpoints=False)
-    db.near_rows_per_point, db.run_gap_us = near, run_gap
+
+    def tune(db):
+        db.near_rows_per_point, db.run_gap_us, db.near_rows_min = near, run_gap, 0
+        db.halve_down_to, db.extremes_reads_per_minute = halve_down_to, extremes_reads
+
+    tune(db)
     newest = {c: HOUR0 for c in CIRCUITS}
     try:
         for step in steps:
@@ -297,7 +310,7 @@ def test_power_rollups_kept_while_writing_match_the_recompute(tmp_path_factory, 
             elif step[0] == "reopen":
                 db.close()
                 db = SqliteDatabase(path, METERS, checkpoints=False)
-                db.near_rows_per_point, db.run_gap_us = near, run_gap
+                tune(db)
             elif step[0] == "replace":
                 _, c, start, length = step
                 t0, t1 = HOUR0 + start, HOUR0 + start + length
@@ -335,5 +348,29 @@ def test_late_points_spread_over_many_stored_ones_keep_the_rollups_without_a_rec
         assert db.state.get("rollup_extremes_read", 0) == 1
         assert not db.conn.execute("SELECT count(*) FROM power_dirty").fetchone()[0]
         _check_settled_rollups_match_the_rows(db)
+    finally:
+        db.close()
+
+
+def test_a_minute_whose_maximum_keeps_being_replaced_goes_to_the_recompute(tmp_path):
+    """Under a rising trend every correction of the newest point lowers the minute's maximum,
+    and each read of a minute's extremes scans it: after ``extremes_reads_per_minute`` reads
+    the minute goes to the recompute instead, which then makes it exact."""
+    db = SqliteDatabase(str(tmp_path / "w.db"), METERS, checkpoints=False)
+    try:
+        ts = [HOUR0 + k * 1_000 for k in range(1000)]
+        db.write([PowerBatch(_power("main", ts, [float(k) for k in range(1000)]))])
+        for i in range(6):  # the newest point corrected, still above the one before
+            db.write([PowerBatch(_power("main", [ts[-1]], [998.9 - i / 10]))])
+        reads = db.extremes_reads_per_minute
+        assert db.state.get("rollup_extremes_read", 0) == reads
+        assert db.state.get("rollup_recompute.min_max", 0) == 1  # then it waits for it:
+        assert db.state.get("rollup_recompute.waiting", 0) == 6 - reads - 1
+        assert db.conn.execute("SELECT count(*) FROM power_dirty").fetchone()[0] == 1
+        _check_settled_rollups_match_the_rows(db)
+        while db.rollup_step(2e9, settle_s=0):
+            pass
+        _check_settled_rollups_match_the_rows(db)
+        assert db.rollup("power", "1m", ["main"], 0, 2**62)["max"].tolist() == [998.4]
     finally:
         db.close()
