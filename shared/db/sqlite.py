@@ -435,9 +435,10 @@ class SqliteDatabase:
         computes from the stored points afterwards (a test compares them). Marked for that
         recompute instead: a minute waiting for it, and (with the minute before each) every
         minute of a run with more stored points between its first and last time than
-        ``near_rows_per_point`` per new one (at least ``near_rows_min``), unless ``may_halve``:
-        then None (nothing done). Returned: the minutes where a replaced point's old watts may
-        have been the min or max (``_refresh_extremes`` reads them again once written)."""
+        ``near_rows_per_point`` per new one (at least ``near_rows_min``), unless ``may_halve``
+        and halves would read few enough: then None (nothing done). Returned: the minutes
+        where a replaced point's old watts may have been the min or max
+        (``_refresh_extremes`` reads them again once written)."""
         lo, hi = int(ts[0]), int(ts[-1])
         most = max(self.near_rows_per_point * len(ts), self.near_rows_min)
         near = self.conn.execute(
@@ -448,8 +449,12 @@ class SqliteDatabase:
             " UNION ALL SELECT * FROM (SELECT ts_us, watts FROM power WHERE circuit_id = ?1"
             "  AND ts_us > ?3 ORDER BY ts_us LIMIT 1)", (c, lo, hi, most + 1)).fetchall()
         minute = ts - ts % MINUTE_US
-        if len(near) > most and sum(lo <= t <= hi for t, _ in near) > most:
-            if may_halve:
+        inside = [t for t, _ in near if lo <= t <= hi]
+        if len(inside) > most:
+            # halves help while a run of halve_down_to points reads no more than near_rows_min
+            # at the density read so far: stored points per new one up to the last one read
+            density = len(inside) / int(np.searchsorted(ts, inside[-1], "right"))
+            if may_halve and density * self.halve_down_to <= self.near_rows_min:
                 return None
             marked = set(minute.tolist())
             self._count("rollup_recompute.too_many_near", len(marked))

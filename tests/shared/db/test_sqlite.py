@@ -255,32 +255,34 @@ _step = st.one_of(
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(steps=st.lists(_step, min_size=1, max_size=25), near=st.sampled_from([1, 16]),
        run_gap=st.sampled_from([0, 250_000, 2**62]), halve_down_to=st.sampled_from([1, 3]),
-       extremes_reads=st.sampled_from([0, 1, 100]))
+       near_min=st.sampled_from([0, 8]), extremes_reads=st.sampled_from([0, 1, 100]))
 # too many stored points between new ones (a minute starts 30 s after HOUR0): the run goes in
 # halves, down to single points (the point 2 s before holds into the next minute)
 @example(steps=[("anywhere", "main", [28_000_000, 30_750_000, 33_000_000], 100.0),
                 ("anywhere", "main", [30_500_000, 31_000_000], 200.0)], near=1,
-         run_gap=2**62, halve_down_to=1, extremes_reads=100)
+         run_gap=2**62, halve_down_to=1, near_min=8, extremes_reads=100)
 @example(steps=[("anywhere", "main", [28_000_000, 30_750_000, 30_800_000, 30_900_000,
                                       33_000_000], 100.0),
                 ("anywhere", "main", [30_500_000, 31_000_000], 200.0)], near=1,
-         run_gap=2**62, halve_down_to=3, extremes_reads=0)
+         run_gap=2**62, halve_down_to=3, near_min=0, extremes_reads=0)
 def test_power_rollups_kept_while_writing_match_the_recompute(tmp_path_factory, steps, near,
                                                              run_gap, halve_down_to,
-                                                             extremes_reads):
+                                                             near_min, extremes_reads):
     """The rollups storage adds as points arrive in order (``_roll_power``) against the plain
     definition, ``power_minute`` over the stored points, after any mix of in-order, late and
     rewritten points, recomputes (``replace_power``), restarts and rollup rounds; at the end,
     once every minute is recomputed, everything matches. ``near``: stored points read per
     new one at most (1: often too few, and the run goes in halves, down to
     ``halve_down_to`` points, then to the recompute); ``run_gap``: points further apart are
-    rolled up apart (0: each point alone); ``extremes_reads``: a minute's min and max read
+    rolled up apart (0: each point alone); ``near_min``: a run reads at least this many
+    (and halves only while a run of ``halve_down_to`` points would read no more at the
+    density read); ``extremes_reads``: a minute's min and max read
     again in the write at most this often, then it goes to the recompute."""
     path = str(tmp_path_factory.mktemp("roll") / "w.db")
     db = SqliteDatabase(path, METERS, checkpoints=False)
 
     def tune(db):
-        db.near_rows_per_point, db.run_gap_us, db.near_rows_min = near, run_gap, 0
+        db.near_rows_per_point, db.run_gap_us, db.near_rows_min = near, run_gap, near_min
         db.halve_down_to, db.extremes_reads_per_minute = halve_down_to, extremes_reads
 
     tune(db)
