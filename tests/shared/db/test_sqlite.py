@@ -359,6 +359,7 @@ def test_a_minute_whose_maximum_keeps_being_replaced_goes_to_the_recompute(tmp_p
     and each read of a minute's extremes scans it: after ``extremes_reads_per_minute`` reads
     the minute goes to the recompute instead, which then makes it exact."""
     db = SqliteDatabase(str(tmp_path / "w.db"), METERS, checkpoints=False)
+    db.extremes_reads_per_minute = 4
     try:
         ts = [HOUR0 + k * 1_000 for k in range(1000)]
         db.write([PowerBatch(_power("main", ts, [float(k) for k in range(1000)]))])
