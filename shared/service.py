@@ -138,10 +138,13 @@ class Runtime:
         signal.signal(signal.SIGINT, handle)
 
     def publisher(self) -> Publisher:
-        pub = Publisher(self.ctx, self.cfg.bus["publish"], self.src, self.cfg.bus["hwm"],
-                        cfg=self.cfg)
+        pub = self._new_publisher()
         self._sockets.append(pub)
         return pub
+
+    def _new_publisher(self) -> Publisher:
+        return Publisher(self.ctx, self.cfg.bus["publish"], self.src, self.cfg.bus["hwm"],
+                         cfg=self.cfg)
 
     def subscriber(self, wanted: list[bytes]) -> Subscriber:
         sub = Subscriber(self.ctx, self.cfg.bus["subscribe"], wanted, self.cfg.bus["hwm"],
@@ -186,8 +189,7 @@ class Runtime:
         # topics someone listens to (through the broker): who downstream is connected
         self._subscribed = sorted(t.decode(errors="replace") for t in subscribed)
         if self._stats_thread is None:
-            self._stats_pub = Publisher(self.ctx, self.cfg.bus["publish"], self.src,
-                                        self.cfg.bus["hwm"], cfg=self.cfg)
+            self._stats_pub = self._new_publisher()  # (not in _sockets: the thread's alone)
             self._stats_thread = threading.Thread(target=self._send_stats, name="stats",
                                                   daemon=True)
             self._stats_thread.start()
